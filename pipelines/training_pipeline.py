@@ -1,0 +1,123 @@
+"""The full CLIPA training pipeline: URL list -> zero-shot-evaluated model.
+
+download -> filter_shard -> pretrain (84 px) -> finetune (224 px) -> finetune (336 px),
+with a zero-shot evaluation after each training stage and a summary at the end.
+
+Every setting is an explicit pipeline parameter (what Vertex shows and what a rerun
+changes); defaults come from the ``demo`` recipe, and ``pipeline_arguments(recipe)``
+turns any recipe of ``clipa_model.recipes`` into these parameters.
+"""
+from __future__ import annotations
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset
+
+from clipa_model import recipes
+from components.download import download
+from components.evaluate import evaluate
+from components.filter_shard import filter_shard
+from components.report import summarize
+from components.train import finetune, pretrain
+
+PIPELINE_NAME = "clipa-training"
+
+# Parameter prefixes of the training stages, in order.
+STAGE_PREFIX = {"pretrain": "pretrain", "finetune_224": "ft224", "finetune_336": "ft336"}
+STAGE_FIELDS = ("image_size", "text_len", "mask_ratio", "samples", "batch_size", "lr")
+
+_PRE = recipes.DEMO.stages["pretrain"]
+_F224 = recipes.DEMO.stages["finetune_224"]
+_F336 = recipes.DEMO.stages["finetune_336"]
+_DATA = recipes.DEMO.data
+
+
+def pipeline_arguments(recipe: recipes.Recipe) -> dict:
+    """The pipeline parameters that run ``recipe`` (stage and data settings)."""
+    args = {"preset": recipe.preset, "seed": recipe.seed,
+            "samples_per_shard": recipe.data.samples_per_shard,
+            "min_image_side": recipe.data.min_image_side,
+            "download_image_size": recipe.data.download_image_size}
+    for stage, prefix in STAGE_PREFIX.items():
+        cfg = recipe.stages[stage]
+        for field in STAGE_FIELDS:
+            if prefix == "pretrain" and field == "mask_ratio":
+                continue  # CLIPA pretrains on resized images; masking is a finetune tool
+            args[f"{prefix}_{field}"] = getattr(cfg, field)
+    return args
+
+
+@dsl.pipeline(name=PIPELINE_NAME,
+              description="CLIPA: pretrain at low resolution, finetune at 224 and 336 px, zero-shot evaluate.")
+def clipa_training(
+    url_list: str,
+    eval_set: str,
+    preset: str = recipes.DEMO.preset,
+    seed: int = recipes.DEMO.seed,
+    download_image_size: int = _DATA.download_image_size,
+    download_processes: int = 1,
+    download_threads: int = 16,
+    samples_per_shard: int = _DATA.samples_per_shard,
+    min_image_side: int = _DATA.min_image_side,
+    max_aspect_ratio: float = 3.0,
+    min_caption_words: int = 3,
+    pretrain_image_size: int = _PRE.image_size,
+    pretrain_text_len: int = _PRE.text_len,
+    pretrain_samples: int = _PRE.samples,
+    pretrain_batch_size: int = _PRE.batch_size,
+    pretrain_lr: float = _PRE.lr,
+    ft224_image_size: int = _F224.image_size,
+    ft224_text_len: int = _F224.text_len,
+    ft224_mask_ratio: float = _F224.mask_ratio,
+    ft224_samples: int = _F224.samples,
+    ft224_batch_size: int = _F224.batch_size,
+    ft224_lr: float = _F224.lr,
+    ft336_image_size: int = _F336.image_size,
+    ft336_text_len: int = _F336.text_len,
+    ft336_mask_ratio: float = _F336.mask_ratio,
+    ft336_samples: int = _F336.samples,
+    ft336_batch_size: int = _F336.batch_size,
+    ft336_lr: float = _F336.lr,
+) -> Artifact:
+    """Train a CLIPA model from ``url_list`` and evaluate it zero-shot on ``eval_set``.
+
+    Args:
+        url_list: URL list file (parquet, csv or jsonl with url and caption columns).
+        eval_set: folder of a labelled zero-shot evaluation set (see docs/ARTIFACTS.md).
+    Returns:
+        The run summary (JSON); its HTML twin is the ``summarize`` task's report.
+    """
+    dl = download(url_list=url_list, image_size=download_image_size,
+                  processes=download_processes, threads=download_threads,
+                  samples_per_shard=samples_per_shard)
+    flt = filter_shard(shards=dl.outputs["shards"], samples_per_shard=samples_per_shard,
+                       min_image_side=min_image_side, max_aspect_ratio=max_aspect_ratio,
+                       min_caption_words=min_caption_words, seed=seed)
+    evalset = dsl.importer(artifact_uri=eval_set, artifact_class=Dataset, reimport=False)
+    evalset.set_display_name("eval-set")
+    data = flt.outputs["filtered"]
+
+    pre = pretrain(data=data, preset=preset, image_size=pretrain_image_size,
+                   text_len=pretrain_text_len, samples=pretrain_samples,
+                   batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed)
+    pre.set_display_name("pretrain-84")
+    f224 = finetune(data=data, init_model=pre.outputs["model"], image_size=ft224_image_size,
+                    text_len=ft224_text_len, mask_ratio=ft224_mask_ratio, samples=ft224_samples,
+                    batch_size=ft224_batch_size, lr=ft224_lr, seed=seed)
+    f224.set_display_name("finetune-224")
+    f336 = finetune(data=data, init_model=f224.outputs["model"], image_size=ft336_image_size,
+                    text_len=ft336_text_len, mask_ratio=ft336_mask_ratio, samples=ft336_samples,
+                    batch_size=ft336_batch_size, lr=ft336_lr, seed=seed)
+    f336.set_display_name("finetune-336")
+
+    evals = []
+    for name, stage in (("pretrain", pre), ("finetune-224", f224), ("finetune-336", f336)):
+        ev = evaluate(model=stage.outputs["model"], eval_set=evalset.output)
+        ev.set_display_name(f"evaluate-{name}")
+        evals.append(ev)
+
+    summary = summarize(
+        shards=dl.outputs["shards"], filtered=data,
+        pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
+        finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
+        finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"])
+    return summary.outputs["summary"]
