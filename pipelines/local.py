@@ -31,7 +31,7 @@ class LocalRun:
     seconds: float = 0.0
 
 
-def prepare_demo_data(workdir: str, recipe: recipes.Recipe) -> dict:
+def prepare_demo_data(workdir: str, recipe: recipes.Recipe, seed: int = 0) -> dict:
     """Render the synthetic training images and the held-out eval set under ``workdir``.
 
     Returns:
@@ -40,9 +40,10 @@ def prepare_demo_data(workdir: str, recipe: recipes.Recipe) -> dict:
     from pipelines.demo_data import write_demo_images, write_eval_set
 
     www = os.path.join(workdir, "www")
-    samples = write_demo_images(www, recipe.data.n_train, seed=recipe.seed)
+    samples = write_demo_images(www, recipe.n_train, seed=seed)
     eval_dir = os.path.join(workdir, "eval_set")
-    write_eval_set(eval_dir, recipe.data.eval_per_class, seed=recipe.seed + 10_000)
+    # A different seed stream: no eval image is ever a training image.
+    write_eval_set(eval_dir, recipe.eval_per_class, seed=seed + 10_000)
     return {"www": www, "samples": samples, "eval_set": eval_dir}
 
 
@@ -76,7 +77,12 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     from components.download import read_url_list
     from pipelines.training_pipeline import pipeline_arguments
 
-    recipe = recipes.get(recipe_name)
+    if recipe_name not in recipes.RECIPES:
+        raise ValueError(f"unknown recipe {recipe_name!r}; expected one of {sorted(recipes.RECIPES)}")
+    recipe = recipes.RECIPES[recipe_name]
+    if url_list is None and recipe.n_train <= 0:
+        raise ValueError(f"recipe {recipe_name!r} has no embedded demo data (it is a paper-scale "
+                         "schedule): give --url-list and --eval-set")
     if url_list is not None:
         read_url_list(url_list)  # fail fast, before anything is generated or started
         if eval_set is None:
@@ -89,7 +95,8 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     counts = None
     with contextlib.ExitStack() as stack:
         if url_list is None:
-            url_list, eval_set, counts = _start_embedded_default(stack, workdir, recipe)
+            url_list, eval_set, counts = _start_embedded_default(
+                stack, workdir, recipe, arguments.get("seed", 0))
         arguments.update(url_list=url_list, eval_set=eval_set)
         summary_path = run_pipeline_locally(os.path.join(workdir, "pipeline_root"), arguments)
     with open(summary_path) as f:
@@ -99,15 +106,16 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     return LocalRun(workdir, summary, summary_path, report_path, counts, time.time() - start)
 
 
-def _start_embedded_default(stack: contextlib.ExitStack, workdir: str, recipe) -> tuple[str, str, dict]:
+def _start_embedded_default(stack: contextlib.ExitStack, workdir: str, recipe,
+                            seed: int) -> tuple[str, str, dict]:
     """Generate the demo data and serve it; the server lives as long as ``stack``."""
     from pipelines.demo_server import serve_directory, write_url_list
 
     t0 = time.time()
-    demo = prepare_demo_data(workdir, recipe)
+    demo = prepare_demo_data(workdir, recipe, seed)
     base_url = stack.enter_context(serve_directory(demo["www"]))
     url_list = os.path.join(workdir, "urls.parquet")
-    counts = write_url_list(demo["samples"], demo["www"], base_url, url_list, seed=recipe.seed)
+    counts = write_url_list(demo["samples"], demo["www"], base_url, url_list, seed=seed)
     log.info("demo data: %d training images, url list %s (%s), served at %s, %.0fs",
              len(demo["samples"]), url_list, counts, base_url, time.time() - t0)
     return url_list, demo["eval_set"], counts

@@ -28,15 +28,11 @@ STAGE_FIELDS = ("image_size", "text_len", "mask_ratio", "samples", "batch_size",
 _PRE = recipes.DEMO.stages["pretrain"]
 _F224 = recipes.DEMO.stages["finetune_224"]
 _F336 = recipes.DEMO.stages["finetune_336"]
-_DATA = recipes.DEMO.data
 
 
 def pipeline_arguments(recipe: recipes.Recipe) -> dict:
-    """The pipeline parameters that run ``recipe`` (stage and data settings)."""
-    args = {"preset": recipe.preset, "seed": recipe.seed,
-            "samples_per_shard": recipe.data.samples_per_shard,
-            "min_image_side": recipe.data.min_image_side,
-            "download_image_size": recipe.data.download_image_size}
+    """The pipeline parameters that run ``recipe``'s training stages."""
+    args = {"preset": recipe.preset}
     for stage, prefix in STAGE_PREFIX.items():
         cfg = recipe.stages[stage]
         for field in STAGE_FIELDS:
@@ -52,12 +48,12 @@ def clipa_training(
     url_list: str,
     eval_set: str,
     preset: str = recipes.DEMO.preset,
-    seed: int = recipes.DEMO.seed,
-    download_image_size: int = _DATA.download_image_size,
+    seed: int = 0,
+    download_image_size: int = 256,
     download_processes: int = 1,
     download_threads: int = 16,
-    samples_per_shard: int = _DATA.samples_per_shard,
-    min_image_side: int = _DATA.min_image_side,
+    samples_per_shard: int = 256,
+    min_image_side: int = 64,
     max_aspect_ratio: float = 3.0,
     min_caption_words: int = 3,
     pretrain_image_size: int = _PRE.image_size,

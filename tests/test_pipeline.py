@@ -42,7 +42,7 @@ def test_compiled_pipeline_chains_all_stages_in_order(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(recipes.RECIPES))
 def test_every_recipe_maps_onto_pipeline_parameters(name):
-    args = pipeline_arguments(recipes.get(name))
+    args = pipeline_arguments(recipes.RECIPES[name])
     inputs = clipa_training.component_spec.inputs
     assert set(args) <= set(inputs)
     for prefix in STAGE_PREFIX.values():
@@ -112,9 +112,9 @@ def test_clipa_run_smoke_end_to_end(tmp_path):
     stages = {s["stage"]: s for s in summary["stages"]}
     assert list(stages) == ["download", "filter_shard", "pretrain", "finetune_224", "finetune_336"]
 
-    demo = recipes.get("smoke")
+    demo = recipes.SMOKE
     dl, fl = stages["download"], stages["filter_shard"]
-    assert dl["samples_in"] > demo.data.n_train          # good rows plus the bad ones
+    assert dl["samples_in"] > demo.n_train          # good rows plus the bad ones
     assert dl["failures"] and dl["samples_out"] < dl["samples_in"]   # 404s, HTML bodies
     assert fl["samples_in"] == dl["samples_out"]
     assert fl["dropped"].get("duplicate_sha256", 0) > 0 and fl["dropped"].get("min_side", 0) > 0

@@ -1,0 +1,265 @@
+"""The ``filter_shard`` step: filter, deduplicate and reshard img2dataset shards with Beam.
+
+Input: the ``download`` step's folder (marker kind ``shards``): ``NNNNN.tar`` holding
+``KEY.jpg``, ``KEY.txt``, ``KEY.json`` per sample. Output (marker kind
+``filtered_shards``, see docs/ARTIFACTS.md): ``shard-NNNNN.tar`` of exactly
+``samples_per_shard`` samples each (the last may be short), ``manifest.json``,
+``sizes.json`` (what open_clip reads) and ``report.html``.
+
+The pipeline (``components.filter_beam``) reads the tars on many workers, drops samples
+by reason (Beam Metrics counters), deduplicates and orders all kept samples by a hash of
+(seed, key), and writes them back in shards. This module prepares the folders, runs it,
+and writes manifest, sizes, report and, last, the marker.
+
+Run it alone: ``python -m components.filter_shard --input DIR --output DIR``.
+"""
+# No `from __future__ import annotations`: kfp reads the component's annotations as types.
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+
+from clipa_model import artifacts
+from components.base import DATA_IMAGE, clipa_component
+from components.filter_beam import build_pipeline, read_counters
+from components.filter_report import build_manifest, render_report, write_outputs
+from components.filter_samples import REASONS, FilterConfig, shard_name, shard_sizes
+
+log = logging.getLogger("clipa.filter_shard")
+
+# The Python FnApiRunner runs offline and is what Beam's DirectRunner picks for a batch
+# pipeline anyway; DirectRunner itself first tries to download the Prism binary.
+DEFAULT_RUNNER = "FnApiRunner"
+
+# Files this step writes in its output folder (cleared before a run).
+_OUTPUTS = ("manifest.json", "sizes.json", "report.html")
+
+
+# ---------------------------------------------------------------------------------------
+# Folders in and out
+
+
+def list_input_shards(input_dir: str) -> list[str]:
+    """The ``*.tar`` shards of an img2dataset folder, sorted, as paths or URLs.
+
+    Raises:
+        ArtifactError: when ``input_dir`` is not a finished ``shards`` artifact.
+        ValueError: when it holds no ``.tar`` shard.
+    """
+    artifacts.read_marker(input_dir, "shards")
+    fs, root = fsspec.core.url_to_fs(str(input_dir))
+    found = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
+    if not found:
+        raise ValueError(f"{input_dir}: no .tar shards; expected img2dataset webdataset "
+                         "output (NNNNN.tar with KEY.jpg, KEY.txt, KEY.json)")
+    if "://" in str(input_dir):
+        return [fs.unstrip_protocol(p) for p in found]
+    return found
+
+
+def _prepare_output(output_dir: str, input_dir: str) -> None:
+    """Empty ``output_dir`` of a previous run, marker first, so no stale file survives.
+
+    Raises:
+        ValueError: when ``output_dir`` is the input folder or another kind of artifact.
+    """
+    fs, root = fsspec.core.url_to_fs(str(output_dir))
+    if root.rstrip("/") == fsspec.core.url_to_fs(str(input_dir))[1].rstrip("/"):
+        raise ValueError(f"{output_dir}: output folder is the input folder; expected a "
+                         "separate folder for the filtered shards")
+    if not fs.exists(root):
+        fs.makedirs(root, exist_ok=True)
+        return
+    marker = artifacts.join(root, artifacts.MARKER)
+    if fs.exists(marker):
+        kind = artifacts.read_json(artifacts.join(output_dir, artifacts.MARKER)).get("kind")
+        if kind != "filtered_shards":
+            raise ValueError(f"{output_dir}: holds a {kind!r} artifact; expected an empty "
+                             "folder or a previous filter_shard output to overwrite")
+        fs.rm(marker)  # first: from here on the folder is unfinished
+    stale = fs.glob(root.rstrip("/") + "/shard-*")
+    stale += [p for p in (artifacts.join(root, n) for n in _OUTPUTS) if fs.exists(p)]
+    if stale:
+        fs.rm(stale)
+
+
+def _settings(cfg: FilterConfig, runner: str) -> dict:
+    return {**dataclasses.asdict(cfg), "runner": runner}
+
+
+# ---------------------------------------------------------------------------------------
+# The step
+
+
+def run_filter_shard(
+    input_dir: str,
+    output_dir: str,
+    *,
+    samples_per_shard: int = 256,
+    min_caption_words: int | None = 3,
+    min_caption_chars: int | None = 6,
+    min_image_side: int | None = 64,
+    max_aspect_ratio: float | None = 3.0,
+    dedup_sha256: bool = True,
+    seed: int = 0,
+    runner: str = DEFAULT_RUNNER,
+    pipeline_options: dict | None = None,
+) -> dict:
+    """Filter, deduplicate and reshard the img2dataset shards of ``input_dir``.
+
+    Args:
+        input_dir: the download step's folder (marker kind ``shards``); local or gs://.
+        output_dir: the artifact folder to write; a previous filter_shard output there
+            is replaced.
+        samples_per_shard: samples in each output shard (the last one may be short).
+        min_caption_words, min_caption_chars: drop captions with fewer words (split on
+            whitespace) or characters (after stripping); 0 or None turns a filter off.
+        min_image_side: drop images whose shorter decoded side is smaller (0/None: off).
+        max_aspect_ratio: drop images with longer/shorter side above this (0/None: off).
+        dedup_sha256: keep one sample (the smallest key) of identical image bytes.
+        seed: the output order is sorted by a hash of (seed, key).
+        runner: the Beam runner, e.g. ``"FnApiRunner"`` (local, offline) or
+            ``"DataflowRunner"`` (with ``project``, ``region``, ``temp_location`` and an
+            ``sdk_container_image`` holding this package in ``pipeline_options``).
+        pipeline_options: more Beam pipeline options, e.g. ``{"direct_num_workers": 2}``
+            (on a 2-core machine two threads were slower than one: decoding holds the GIL).
+
+    Returns:
+        The marker fields: ``count`` (kept), ``input_count`` (samples read, plus those a
+        truncated tar lost by its ``NNNNN_stats.json``), ``dropped`` (reason -> samples;
+        ``count + sum(dropped) == input_count``), ``shards`` (names), ``seconds``,
+        ``samples_per_second`` and the settings.
+
+    Raises:
+        ArtifactError: ``input_dir`` is not a finished ``shards`` artifact.
+        ValueError: no ``.tar`` in ``input_dir``, bad settings, or every sample dropped.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}; expected at least 1")
+    cfg = FilterConfig(min_caption_words=min_caption_words, min_caption_chars=min_caption_chars,
+                       min_image_side=min_image_side, max_aspect_ratio=max_aspect_ratio,
+                       dedup_sha256=dedup_sha256, seed=seed, samples_per_shard=samples_per_shard)
+    tar_paths = list_input_shards(input_dir)
+    _prepare_output(output_dir, input_dir)
+
+    start = time.perf_counter()
+    options = PipelineOptions(flags=[], **(pipeline_options or {}))
+    p = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(p, tar_paths, str(output_dir), cfg)
+    result = p.run()
+    result.wait_until_finish()  # raises if the pipeline failed
+    counts = read_counters(result)
+    seconds = time.perf_counter() - start
+    return _finish(input_dir, output_dir, cfg, runner, counts, seconds, len(tar_paths))
+
+
+def _finish(input_dir: str, output_dir: str, cfg: FilterConfig, runner: str,
+            counts: Counter, seconds: float, n_inputs: int) -> dict:
+    """Check the counts, write manifest, sizes, report and, last, the marker."""
+    input_count, kept = counts["input"], counts["kept"]
+    dropped = {r: counts[f"dropped_{r}"] for r in REASONS if counts[f"dropped_{r}"]}
+    if input_count == 0:
+        raise ValueError(f"{input_dir}: its {n_inputs} .tar shards hold no samples; expected "
+                         "img2dataset samples (KEY.jpg, KEY.txt, KEY.json)")
+    if kept == 0:
+        raise ValueError(
+            f"{input_dir}: every sample was dropped ({input_count} read from {n_inputs} "
+            f"shards; dropped by reason: {dropped or 'none'}); expected at least one sample "
+            "to pass the filters. Check the shards or loosen the filter settings")
+    if kept + sum(dropped.values()) != input_count:
+        raise RuntimeError(f"{input_dir}: counts do not add up: kept {kept} + dropped "
+                           f"{dropped} != read {input_count}; the runner lost samples")
+    names = [shard_name(i) for i in range(len(shard_sizes(kept, cfg.samples_per_shard)))]
+    manifest = build_manifest(list(zip(names, shard_sizes(kept, cfg.samples_per_shard))),
+                              input_count, dropped)
+    settings = _settings(cfg, runner)
+    write_outputs(output_dir, manifest,
+                  render_report(manifest, str(input_dir), seconds, settings))
+    rate = input_count / max(seconds, 1e-9)
+    log.info("filter_shard: kept %d of %d samples in %d shards; dropped %s; %.1f s, "
+             "%.0f samples/s", kept, input_count, len(names), dropped or "none", seconds, rate)
+    return artifacts.write_marker(  # last: the folder is now a finished artifact
+        output_dir, "filtered_shards", count=kept, input_count=input_count,
+        dropped=manifest["dropped"], shards=names, seconds=round(seconds, 3),
+        samples_per_second=round(rate, 1), settings=settings)
+
+
+# ---------------------------------------------------------------------------------------
+# KFP component and command line
+
+
+@clipa_component(DATA_IMAGE)
+def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
+                 stats: Output[Metrics], report: Output[HTML],
+                 samples_per_shard: int = 256, min_image_side: int = 64,
+                 max_aspect_ratio: float = 3.0, min_caption_words: int = 3,
+                 dedup_sha256: bool = True, seed: int = 0, min_caption_chars: int = 6):
+    """Filter, deduplicate and reshard downloaded shards (Beam, local runner).
+
+    Outputs: filtered (shard-NNNNN.tar, manifest.json, sizes.json), stats (input, kept,
+    dropped_<reason> counts), report (HTML page of kept/dropped per reason).
+    """
+    import os
+    import shutil
+
+    from components.filter_shard import run_filter_shard
+
+    result = run_filter_shard(
+        shards.path, filtered.path, samples_per_shard=samples_per_shard,
+        min_caption_words=min_caption_words, min_caption_chars=min_caption_chars,
+        min_image_side=min_image_side, max_aspect_ratio=max_aspect_ratio,
+        dedup_sha256=dedup_sha256, seed=seed)
+    stats.log_metric("input", result["input_count"])
+    stats.log_metric("kept", result["count"])
+    for reason, n in sorted(result["dropped"].items()):
+        stats.log_metric(f"dropped_{reason}", n)
+    os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
+    shutil.copyfile(os.path.join(filtered.path, "report.html"), report.path)
+    filtered.metadata.update(count=result["count"], input_count=result["input_count"],
+                             shards=len(result["shards"]), samples_per_shard=samples_per_shard)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: run_filter_shard on two folders; prints the marker as JSON."""
+    ap = argparse.ArgumentParser(prog="python -m components.filter_shard",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--input", required=True, help="download step folder (kind 'shards')")
+    ap.add_argument("--output", required=True, help="folder for the filtered shards")
+    ap.add_argument("--samples-per-shard", type=int, default=256)
+    ap.add_argument("--min-caption-words", type=int, default=3)
+    ap.add_argument("--min-caption-chars", type=int, default=6)
+    ap.add_argument("--min-image-side", type=int, default=64)
+    ap.add_argument("--max-aspect-ratio", type=float, default=3.0)
+    ap.add_argument("--no-dedup", action="store_true", help="keep duplicate images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runner", default=DEFAULT_RUNNER)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Beam pipeline option (repeatable), e.g. direct_num_workers=2")
+    args = ap.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)  # numbers and true/false as such
+        except ValueError:
+            options[key] = value
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = run_filter_shard(
+        args.input, args.output, samples_per_shard=args.samples_per_shard,
+        min_caption_words=args.min_caption_words, min_caption_chars=args.min_caption_chars,
+        min_image_side=args.min_image_side, max_aspect_ratio=args.max_aspect_ratio,
+        dedup_sha256=not args.no_dedup, seed=args.seed, runner=args.runner,
+        pipeline_options=options)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
