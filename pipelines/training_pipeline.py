@@ -7,7 +7,6 @@ Every setting is an explicit pipeline parameter (what Vertex shows and what a re
 changes); defaults come from the ``demo`` recipe, and ``pipeline_arguments(recipe)``
 turns any recipe of ``clipa_model.recipes`` into these parameters.
 """
-from __future__ import annotations
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset

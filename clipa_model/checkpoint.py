@@ -1,0 +1,117 @@
+"""The Model artifact: a folder with weights, the preprocessing they expect, and history.
+
+    checkpoint.pt        state dict (tensors only: ``torch.load(weights_only=True)``)
+    model_config.json    preset + image_size, text_len, mean, std, interpolation
+    stage_config.json    the StageConfig that produced it
+    history.jsonl        one row per step
+    curve.png            loss vs samples seen
+    clipa_artifact.json  marker, kind "model", written last
+
+The preprocessing travels with the weights (like timm's pretrained cfg), so evaluation
+uses the checkpoint's own image size and normalisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import uuid
+
+import fsspec
+import torch
+from open_clip.model import CLIP
+
+from clipa_model.artifacts import join, read_json, read_marker, write_json_atomic, write_marker
+from clipa_model.config import StageConfig
+from clipa_model.model import build_model, load_weights
+from clipa_model.plots import plot_curve
+from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, INTERPOLATION, get_preset
+
+
+def model_config(preset: str, image_size: int, text_len: int) -> dict:
+    """What model_config.json holds: the architecture name and its preprocessing."""
+    return {"preset": preset, "image_size": image_size, "text_len": text_len,
+            "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": INTERPOLATION,
+            "architecture": dataclasses.asdict(get_preset(preset))}
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Write a file atomically (temporary name + rename locally; object stores publish whole)."""
+    if "://" in path:
+        with fsspec.open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConfig,
+                        history: list[dict], summary: dict) -> dict:
+    """Write the Model artifact; the marker goes last.
+
+    Args:
+        out_dir: folder to create (local path or fsspec URL).
+        model: trained model; preset: its preset name.
+        stage: the stage config that trained it (its image_size / text_len are the model's).
+        history: rows from ``train_loop``; summary: from ``train.summarize``.
+
+    Returns:
+        The marker dict.
+    """
+    if "://" not in out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    _write_bytes(join(out_dir, "checkpoint.pt"), buf.getvalue())
+    write_json_atomic(join(out_dir, "model_config.json"),
+                      model_config(preset, stage.image_size, stage.text_len))
+    write_json_atomic(join(out_dir, "stage_config.json"), stage.to_dict())
+    lines = "".join(json.dumps(r) + "\n" for r in history)
+    _write_bytes(join(out_dir, "history.jsonl"), lines.encode())
+    _write_bytes(join(out_dir, "curve.png"), plot_curve(history, title=f"{stage.stage} ({preset})"))
+    return write_marker(out_dir, "model", stage=stage.stage, preset=preset,
+                        image_size=stage.image_size, text_len=stage.text_len,
+                        mask_ratio=stage.mask_ratio, samples_seen=summary["samples_seen"],
+                        steps=summary["steps"], seconds=round(summary["seconds"], 3),
+                        final_loss=summary["final_loss"])
+
+
+def read_model_config(model_dir: str) -> dict:
+    """model_config.json of a finished Model artifact (checks the marker first)."""
+    read_marker(model_dir, "model")
+    return read_json(join(model_dir, "model_config.json"))
+
+
+def read_history(model_dir: str) -> list[dict]:
+    """history.jsonl rows of a Model artifact ([] if the file is absent)."""
+    try:
+        with fsspec.open(join(model_dir, "history.jsonl"), "r") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def load_model(model_dir: str, image_size: int | None = None, text_len: int | None = None,
+               mask_ratio: float = 0.0) -> tuple[CLIP, dict]:
+    """Build a model at the requested token counts and load a Model artifact into it.
+
+    Args:
+        model_dir: Model artifact folder.
+        image_size, text_len: sizes to build at; default: the checkpoint's own.
+        mask_ratio: patch masking of the rebuilt model (train mode only).
+
+    Returns:
+        (model in eval mode, model_config dict updated to the new sizes).
+    """
+    cfg = read_model_config(model_dir)
+    image_size = image_size or cfg["image_size"]
+    text_len = text_len or cfg["text_len"]
+    model = build_model(cfg["preset"], image_size, text_len, mask_ratio)
+    with fsspec.open(join(model_dir, "checkpoint.pt"), "rb") as f:
+        state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    load_weights(model, state_dict)
+    model.eval()
+    return model, {**cfg, "image_size": image_size, "text_len": text_len}

@@ -1,0 +1,113 @@
+"""One training stage as a typed config (pretrain, finetune_224, finetune_336).
+
+Defaults follow the CLIPA-v2 recipe (docs: /work/shared/CLIPA_REFERENCE.md): AdamW with
+betas (0.9, 0.95), decoupled weight decay 0.2 on weight matrices, linear warmup then cosine
+decay to zero. The sample counts and batch sizes are the caller's (see ``recipes.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field at fault."""
+
+
+@dataclass
+class StageConfig:
+    """Everything one training stage needs besides the data and the model preset.
+
+    Attributes:
+        stage: name, e.g. "pretrain", "finetune_224", "finetune_336".
+        image_size: input side in pixels; a multiple of the preset's patch size.
+        text_len: text tokens per caption, start/end tokens included (truncation).
+        mask_ratio: fraction of image patches dropped at random in training (0 = none).
+        samples: samples seen in this stage (several epochs over the shards if needed).
+        batch_size: contrastive batch (the negatives each sample sees).
+        lr: peak learning rate.
+        warmup_frac: linear warmup length as a fraction of ``samples`` (CLIPA-v2: about
+            0.016 pretrain, 0.05 finetune 224, 0.2 finetune 336).
+        weight_decay: decoupled weight decay on weight matrices only.
+        betas: AdamW betas.
+        seed: seeds model init (pretrain), shard order, crops and patch masks.
+        crop_scale: (min, max) area fraction of the random resized crop.
+        log_every: steps between log lines / history rows.
+        num_threads: torch intra-op threads (0 = all cores).
+        num_workers: data loader processes (0 = decode in the training process).
+    """
+
+    stage: str = "pretrain"
+    image_size: int = 84
+    text_len: int = 8
+    mask_ratio: float = 0.0
+    samples: int = 10_000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    log_every: int = 10
+    num_threads: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.crop_scale = tuple(self.crop_scale)
+        self.validate()
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps: ceil(samples / batch_size)."""
+        return -(-self.samples // self.batch_size)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Linear warmup steps: ``warmup_frac`` of ``steps``, rounded up."""
+        return math.ceil(self.warmup_frac * self.steps)
+
+    def validate(self, patch_size: int | None = None) -> "StageConfig":
+        """Raise ``ConfigError`` naming the field if this stage cannot run.
+
+        Args:
+            patch_size: the model's patch size, when known, to check ``image_size``.
+        """
+        checks = [
+            ("mask_ratio", 0.0 <= self.mask_ratio < 1.0, "in [0, 1)"),
+            ("text_len", self.text_len > 1, "at least 2 (start and end tokens)"),
+            ("image_size", self.image_size > 0, "positive"),
+            ("samples", self.samples > 0, "positive"),
+            ("batch_size", self.batch_size > 1, "at least 2 (a contrastive batch)"),
+            ("lr", self.lr > 0, "positive"),
+            ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "a fraction in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("crop_scale", 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+             "(min, max) with 0 < min <= max <= 1"),
+        ]
+        if patch_size is not None:
+            checks.append(("image_size", self.image_size % patch_size == 0,
+                           f"a multiple of the patch size {patch_size}"))
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"StageConfig.{name}={getattr(self, name)!r} for stage "
+                                  f"{self.stage!r}: expected {expected}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageConfig":
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"StageConfig: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "StageConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,142 @@
+"""The CLIPA model, built from open_clip's CLIP code, and moving it between stages.
+
+A stage changes the token counts, never the weights' shapes: the image side (84 -> 224 ->
+336) changes the patch grid, whose sin-cos position embedding is recomputed; the text
+length (8 -> 32) changes the learned text position embedding, which is resized by linear
+interpolation (open_clip's ``resize_text_pos_embed``). Random patch masking in finetuning is
+open_clip's ``PatchDropout``: active in train mode only.
+"""
+from __future__ import annotations
+
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, resize_pos_embed, resize_text_pos_embed
+from torch import nn
+
+from clipa_model.config import ConfigError
+from clipa_model.presets import Preset, get_preset
+
+
+def check_sizes(preset: Preset, image_size: int, text_len: int, mask_ratio: float = 0.0) -> None:
+    """Raise ``ConfigError`` naming the field if the sizes cannot build this preset."""
+    if image_size <= 0 or image_size % preset.patch_size:
+        raise ConfigError(f"image_size={image_size}: expected a positive multiple of the "
+                          f"patch size {preset.patch_size}")
+    if text_len <= 1:
+        raise ConfigError(f"text_len={text_len}: expected at least 2 (start and end tokens)")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio={mask_ratio}: expected a fraction in [0, 1)")
+
+
+def build_model(preset: str | Preset, image_size: int, text_len: int,
+                mask_ratio: float = 0.0) -> CLIP:
+    """Build a freshly initialised CLIPA model.
+
+    Args:
+        preset: name in ``presets.PRESETS`` or a ``Preset``.
+        image_size: input side in pixels (a multiple of the patch size).
+        text_len: text context length in tokens.
+        mask_ratio: fraction of patches dropped in train mode (0 disables).
+
+    Returns:
+        ``open_clip.model.CLIP`` in train mode, float32.
+    """
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    check_sizes(p, image_size, text_len, mask_ratio)
+    vision = CLIPVisionCfg(
+        layers=p.vision_layers, width=p.vision_width, head_width=p.vision_width // p.vision_heads,
+        mlp_ratio=p.vision_mlp_ratio, patch_size=p.patch_size, image_size=image_size,
+        patch_dropout=mask_ratio, no_ln_pre=True, pos_embed_type="sin_cos_2d",
+        pool_type="avg", final_ln_after_pool=True)
+    text = CLIPTextCfg(
+        context_length=text_len, vocab_size=p.vocab_size, width=p.text_width,
+        heads=p.text_heads, layers=p.text_layers, pool_type=p.text_pool, no_causal_mask=True)
+    return CLIP(embed_dim=p.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: CLIP) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint trained at other token counts to ``model``'s image grid / text length.
+
+    The fixed sin-cos image position embedding is taken from ``model`` (computed for its
+    grid); a learned one would be resampled bicubically. The learned text position
+    embedding (T_old, C) is linearly interpolated to (T_new, C).
+
+    Returns:
+        A new state dict with the same keys, loadable with ``strict=True``.
+    """
+    sd = dict(state_dict)
+    key = "visual.positional_embedding"
+    if key in sd and sd[key].shape != model.visual.positional_embedding.shape:
+        if model.visual.positional_embedding.requires_grad:  # learned: resample the grid
+            resize_pos_embed(sd, model)
+        else:  # fixed sin-cos: recompute for the new grid
+            sd[key] = model.visual.positional_embedding.detach().clone()
+    resize_text_pos_embed(sd, model)
+    return sd
+
+
+def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load ``state_dict`` (any image size / text length) strictly into ``model``."""
+    missing, unexpected = model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
+    assert not missing and not unexpected  # strict=True raises first; kept as documentation
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay only on weight matrices.
+
+    Biases, norm gains, embeddings (token, position, class) and the logit scale stay
+    undecayed; frozen tensors (the sin-cos position embedding) are left out.
+
+    Returns:
+        [{"params": decayed, "weight_decay": weight_decay, "names": [...]},
+         {"params": the rest, "weight_decay": 0.0, "names": [...]}]
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embedding" in name or name.endswith("class_embedding")
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append((name, p))
+    return [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay,
+         "names": [n for n, _ in decay]},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0,
+         "names": [n for n, _ in no_decay]},
+    ]
+
+
+def get_tokenizer(preset: str | Preset, text_len: int):
+    """The preset's tokenizer, truncating to ``text_len`` tokens.
+
+    Returns:
+        callable(list[str]) -> LongTensor (N, text_len).
+    """
+    import open_clip
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if p.tokenizer == "openai-bpe":
+        return open_clip.SimpleTokenizer(context_length=text_len)
+    # CLIPA's BERT WordPiece tokenizer; needs the vocab locally (HF cache) on this machine.
+    return open_clip.HFTokenizer(p.tokenizer, context_length=text_len, strip_sep_token=True)
+
+
+def flops_per_sample(preset: str | Preset, image_size: int, text_len: int,
+                     mask_ratio: float = 0.0, train: bool = True) -> float:
+    """Matmul FLOPs per sample from the token counts (forward x3 when training).
+
+    Counts 2 FLOPs per multiply-add in the patch embedding, attention projections, attention
+    scores, MLPs and output projections; norms, softmax and the loss are ignored.
+    """
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    grid = (image_size // p.patch_size) ** 2
+    n_img = 1 + max(1, int(grid * (1 - mask_ratio)))  # class token + kept patches
+
+    def tower(n: int, width: int, layers: int, mlp_ratio: float) -> float:
+        per_layer = n * width * width * (4 + 2 * mlp_ratio) + 2 * n * n * width
+        return 2 * layers * per_layer
+
+    fwd = (2 * grid * 3 * p.patch_size ** 2 * p.vision_width  # patch embedding (all patches)
+           + tower(n_img, p.vision_width, p.vision_layers, p.vision_mlp_ratio)
+           + 2 * p.vision_width * p.embed_dim
+           + tower(text_len, p.text_width, p.text_layers, 4.0)
+           + 2 * p.text_width * p.embed_dim)
+    return 3 * fwd if train else fwd
