@@ -36,6 +36,8 @@ class StageConfig:
         log_every: steps between log lines / history rows.
         num_threads: torch intra-op threads (0 = all cores).
         num_workers: data loader processes (0 = decode in the training process).
+        precision: "bf16" (autocast matmuls to bfloat16; ~1.5x faster on AVX-512 CPUs)
+            or "fp32".
     """
 
     stage: str = "pretrain"
@@ -53,6 +55,7 @@ class StageConfig:
     log_every: int = 10
     num_threads: int = 0
     num_workers: int = 0
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -84,6 +87,7 @@ class StageConfig:
             ("lr", self.lr > 0, "positive"),
             ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "a fraction in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("precision", self.precision in ("bf16", "fp32"), '"bf16" or "fp32"'),
             ("crop_scale", 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
              "(min, max) with 0 < min <= max <= 1"),
         ]

@@ -39,6 +39,11 @@ def lr_at(step: int, steps: int, warmup_steps: int, peak_lr: float) -> float:
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def autocast(precision: str):
+    """Mixed-precision context for the forward pass: bf16 matmuls, fp32 weights and loss."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (decay on weight matrices only), betas from the stage."""
     groups = [{k: v for k, v in g.items() if k != "names"}
@@ -81,8 +86,9 @@ def train_loop(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         lr = lr_at(step, stage.steps, stage.warmup_steps, stage.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image_f, text_f, scale = model(normalize(images, mean, std), tokens)  # (B, D) x2, ()
-        loss = loss_fn(image_f, text_f, scale)
+        with autocast(stage.precision):
+            image_f, text_f, scale = model(normalize(images, mean, std), tokens)  # (B, D) x2
+            loss = loss_fn(image_f.float(), text_f.float(), scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,0 +1,125 @@
+"""The CLIPA model: presets, moving a checkpoint between stages, masking, decay groups."""
+import pytest
+import torch
+from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+from clipa_model.config import ConfigError, StageConfig
+from clipa_model.model import (adapt_state_dict, build_model, flops_per_sample, get_tokenizer,
+                               load_weights, param_groups)
+from clipa_model.presets import PRESETS, get_preset
+from clipa_model.recipes import RECIPES
+
+
+def test_every_preset_and_recipe_name_resolves():
+    for name in PRESETS:
+        assert get_preset(name) is PRESETS[name]
+    for recipe in RECIPES.values():
+        get_preset(recipe.preset)
+        assert list(recipe) == ["pretrain", "finetune_224", "finetune_336"]
+    with pytest.raises(ConfigError, match="preset='X/99'"):
+        get_preset("X/99")
+
+
+def test_paper_presets_follow_the_reference_table():
+    # (vision width, depth, heads), (text width, depth, heads), embed dim: CLIPA_REFERENCE.md
+    assert (PRESETS["H/14"].vision_width, PRESETS["H/14"].vision_layers) == (1280, 32)
+    assert (PRESETS["L/14"].text_width, PRESETS["L/14"].text_layers) == (768, 12)
+    assert PRESETS["B/16"].embed_dim == 512 and PRESETS["S/16"].vision_heads == 6
+    tiny = PRESETS["tiny"]
+    assert all(s % tiny.patch_size == 0 for s in (84, 224, 336))
+
+
+def test_one_checkpoint_loads_at_84_224_336_without_missing_keys():
+    torch.manual_seed(0)
+    pre = build_model("tiny", 84, 8).eval()
+    sd = pre.state_dict()
+    text = get_tokenizer("tiny", 8)(["a photo of a star.", "a red circle"])  # (2, 8)
+    with torch.no_grad():
+        ref_text = pre.encode_text(text)
+    for size in (224, 336):
+        model = build_model("tiny", size, 8).eval()
+        result = model.load_state_dict(adapt_state_dict(sd, model), strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        # Only the image grid changed: the text tower is untouched.
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_text(text), ref_text)
+        grid = size // 14
+        sincos = torch.from_numpy(get_2d_sincos_pos_embed(model.visual.conv1.out_channels,
+                                                          grid, cls_token=True)).float()
+        torch.testing.assert_close(model.visual.positional_embedding, sincos)
+        assert model.encode_image(torch.zeros(1, 3, size, size)).shape == (1, PRESETS["tiny"].embed_dim)
+
+
+def test_text_position_embedding_is_resized_linearly_8_to_32():
+    torch.manual_seed(0)
+    pre = build_model("tiny", 84, 8)
+    fine = build_model("tiny", 224, 32)
+    load_weights(fine, pre.state_dict())
+    old, new = pre.positional_embedding.detach(), fine.positional_embedding.detach()
+    assert new.shape == (32, old.shape[1])
+    # align_corners=False linear interpolation: the ends are the old ends, the middle in between.
+    torch.testing.assert_close(new[0], old[0])
+    torch.testing.assert_close(new[-1], old[-1])
+    lo = torch.minimum(old[3], old[4]) - 1e-6
+    hi = torch.maximum(old[3], old[4]) + 1e-6
+    assert ((new[15] >= lo) & (new[15] <= hi)).all()
+
+
+def _tokens_entering_encoder(model, size: int) -> int:
+    seen = []
+    hook = model.visual.transformer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    with torch.no_grad():
+        model.encode_image(torch.zeros(2, 3, size, size))
+    hook.remove()
+    return seen[0]
+
+
+def test_patch_masking_drops_tokens_in_train_mode_only():
+    model = build_model("tiny", 224, 32, mask_ratio=0.3)  # 16x16 = 256 patches
+    model.train()
+    assert _tokens_entering_encoder(model, 224) == 1 + int(256 * 0.7)
+    model.eval()
+    assert _tokens_entering_encoder(model, 224) == 1 + 256
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = build_model("tiny", 84, 8)
+    decay, no_decay = param_groups(model, 0.2)
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    for name in decay["names"]:
+        assert "bias" not in name and "ln" not in name and "embedding" not in name
+    for name in ("logit_scale", "token_embedding.weight", "positional_embedding",
+                 "visual.class_embedding", "ln_final.weight", "ln_final.bias",
+                 "visual.transformer.resblocks.0.attn.in_proj_bias"):
+        assert name in no_decay["names"], name
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in decay["names"]
+    assert "visual.conv1.weight" in decay["names"] and "text_projection" in decay["names"]
+    # The fixed sin-cos embedding is not trained at all.
+    assert "visual.positional_embedding" not in decay["names"] + no_decay["names"]
+
+
+@pytest.mark.parametrize("field, kwargs", [
+    ("mask_ratio", dict(mask_ratio=1.0)),
+    ("mask_ratio", dict(mask_ratio=-0.1)),
+    ("text_len", dict(text_len=0)),
+    ("samples", dict(samples=0)),
+    ("crop_scale", dict(crop_scale=(0.0, 1.0))),
+])
+def test_stage_config_errors_name_the_field(field, kwargs):
+    with pytest.raises(ConfigError, match=field):
+        StageConfig(**kwargs)
+
+
+def test_image_size_must_tile_into_patches():
+    with pytest.raises(ConfigError, match="image_size=100"):
+        StageConfig(image_size=100).validate(patch_size=14)
+    with pytest.raises(ConfigError, match="image_size=100"):
+        build_model("tiny", 100, 8)
+
+
+def test_flops_follow_the_token_counts():
+    f84 = flops_per_sample("tiny", 84, 8)
+    f224 = flops_per_sample("tiny", 224, 32)
+    f224_masked = flops_per_sample("tiny", 224, 32, mask_ratio=0.3)
+    assert f84 < f224_masked < f224
+    assert flops_per_sample("tiny", 84, 8, train=False) == pytest.approx(f84 / 3)
