@@ -117,7 +117,7 @@ def evaluate(model: Input[Model], eval_set: Input[Dataset], metrics: Output[Metr
     """Zero-shot classification of ``eval_set`` with ``model``.
 
     Outputs:
-        metrics: top1, top5, colour_baseline_top1, count.
+        metrics: top1, top5, colour_baseline_top1, count, seconds, num_classes.
         report: HTML page (per-class accuracy table and plot, the model's training curve).
     """
     import os
@@ -128,8 +128,9 @@ def evaluate(model: Input[Model], eval_set: Input[Dataset], metrics: Output[Metr
 
     out_dir = tempfile.mkdtemp(prefix="clipa-eval-")
     result = run_evaluate(model.path, eval_set.path, out_dir)
-    for key in ("top1", "top5", "colour_baseline_top1", "count"):
+    for key in ("top1", "top5", "colour_baseline_top1", "count", "seconds"):
         metrics.log_metric(key, float(result[key]))
+    metrics.log_metric("num_classes", float(len(result["classnames"])))
     os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
     shutil.copyfile(os.path.join(out_dir, "report.html"), report.path)
 

@@ -70,8 +70,10 @@ def format_summary(summary: dict) -> str:
         if why:
             lines.append(f"  {s['stage']} lost: " + ", ".join(f"{k}={int(v)}" for k, v in sorted(why.items())))
     if f.get("top1") is not None:
-        lines.append(f"final zero-shot top-1 {f['top1']:.1%}, top-5 {f['top5']:.1%}"
-                     + (f" on {int(f['eval_count'])} held-out images" if f.get("eval_count") else ""))
+        where = f" on {int(f['eval_count'])} held-out images" if f.get("eval_count") else ""
+        if f.get("num_classes"):
+            where += f" of {int(f['num_classes'])} classes (chance {1 / f['num_classes']:.1%})"
+        lines.append(f"final zero-shot top-1 {f['top1']:.1%}, top-5 {f['top5']:.1%}{where}")
     if f.get("colour_baseline_top1") is not None:
         lines.append(f"mean-colour nearest-centroid baseline top-1 {f['colour_baseline_top1']:.1%}")
     return "\n".join(lines)
@@ -119,6 +121,8 @@ def _accuracy_figure(summary: dict):
     base = summary["final"].get("colour_baseline_top1")
     if base is not None:
         ax.axhline(base, color="grey", ls="--", label="mean-colour baseline")
+    if summary["final"].get("num_classes"):
+        ax.axhline(1 / summary["final"]["num_classes"], color="black", ls=":", label="chance")
     ax.set_xticks(list(x), [r["stage"] for r in rows])
     ax.set_ylim(0, 1)
     ax.set_ylabel("zero-shot accuracy")
