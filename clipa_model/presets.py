@@ -50,8 +50,8 @@ _BPE = dict(vocab_size=49_408, tokenizer="openai-bpe")
 
 PRESETS: dict[str, Preset] = {
     # CPU demo and tests: ~3.5 M parameters outside the token embedding.
-    "tiny": Preset(embed_dim=128, patch_size=14, vision_width=192, vision_layers=6,
-                   vision_heads=3, text_width=128, text_layers=4, text_heads=2, **_BPE),
+    "tiny": Preset(embed_dim=128, patch_size=14, vision_width=128, vision_layers=4,
+                   vision_heads=2, text_width=128, text_layers=2, text_heads=2, **_BPE),
     # The paper's sizes (CLIPA_REFERENCE.md, architecture table).
     "S/16": Preset(384, 16, 384, 12, 6, 384, 12, 6),
     "B/16": Preset(512, 16, 768, 12, 12, 512, 12, 8),

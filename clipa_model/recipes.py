@@ -37,14 +37,16 @@ class Recipe:
 
 DEMO = Recipe(
     stages={
+        # Small batches: with 10 classes a large contrastive batch is mostly same-class
+        # negatives, and more optimiser steps per CPU second matter more than batch size.
         "pretrain": StageConfig(stage="pretrain", image_size=84, text_len=8, mask_ratio=0.0,
-                                samples=40_000, batch_size=128, lr=2e-3, warmup_frac=0.05,
-                                crop_scale=(0.5, 1.0)),
+                                samples=96_000, batch_size=32, lr=7e-4, warmup_frac=0.05,
+                                crop_scale=(0.5, 1.0), log_every=100),
         "finetune_224": StageConfig(stage="finetune_224", image_size=224, text_len=32,
-                                    mask_ratio=0.3, samples=1_536, batch_size=64, lr=2e-4,
+                                    mask_ratio=0.3, samples=1_536, batch_size=32, lr=1e-4,
                                     warmup_frac=0.1, crop_scale=(0.5, 1.0)),
         "finetune_336": StageConfig(stage="finetune_336", image_size=336, text_len=32,
-                                    mask_ratio=0.4, samples=768, batch_size=64, lr=1e-4,
+                                    mask_ratio=0.4, samples=768, batch_size=32, lr=5e-5,
                                     warmup_frac=0.2, crop_scale=(0.5, 1.0)),
     },
     n_train=4000, eval_per_class=50)
