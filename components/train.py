@@ -95,7 +95,7 @@ def _log_metrics(metrics, result: dict) -> None:
 @clipa_component(TRAIN_IMAGE)
 def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
              preset: str = "tiny", image_size: int = 84, text_len: int = 8,
-             samples: int = 40_000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
+             samples: int = 96_000, batch_size: int = 32, lr: float = 7e-4, seed: int = 0):
     """CLIPA pretraining at low resolution and few text tokens, from scratch.
 
     Outputs:
@@ -113,8 +113,8 @@ def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
 @clipa_component(TRAIN_IMAGE)
 def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model],
              metrics: Output[Metrics], image_size: int = 224, text_len: int = 32,
-             mask_ratio: float = 0.3, samples: int = 1_536, batch_size: int = 64,
-             lr: float = 2e-4, seed: int = 0):
+             mask_ratio: float = 0.3, samples: int = 1_536, batch_size: int = 32,
+             lr: float = 1e-4, seed: int = 0):
     """CLIPA finetuning at higher resolution with random patch masking.
 
     Outputs:
