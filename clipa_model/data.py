@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import zlib
 from itertools import islice
 from typing import Callable, Iterator
 

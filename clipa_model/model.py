@@ -75,9 +75,11 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: CLIP) -> dict[s
 
 
 def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load ``state_dict`` (any image size / text length) strictly into ``model``."""
-    missing, unexpected = model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
-    assert not missing and not unexpected  # strict=True raises first; kept as documentation
+    """Load ``state_dict`` (any image size / text length) into ``model``.
+
+    Strict: a missing or unexpected key (another preset) raises ``RuntimeError``.
+    """
+    model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

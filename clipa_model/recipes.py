@@ -7,14 +7,17 @@ reference, is ``PAPER_H14`` (never run here).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from clipa_model.config import StageConfig
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(Mapping):
     """Stages in order (name -> StageConfig) plus the demo data sizes they were tuned on.
+
+    A read-only mapping: ``DEMO["pretrain"]``, ``list(DEMO)``, ``DEMO.items()``.
 
     Attributes:
         stages: "pretrain", "finetune_224", "finetune_336" -> StageConfig.
@@ -31,8 +34,11 @@ class Recipe:
     def __getitem__(self, name: str) -> StageConfig:
         return self.stages[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
 
 
 DEMO = Recipe(
