@@ -37,11 +37,17 @@ def _bar_chart_svg(rows: list[tuple[str, int]]) -> str:
             + "".join(parts) + "</svg>")
 
 
-def render_report(manifest: dict, input_dir: str, seconds: float, settings: dict) -> str:
-    """A self-contained HTML page: kept/dropped per reason (table and bars), the shards."""
+def render_report(manifest: dict, input_dir: str, seconds: float, settings: dict,
+                  reasons: tuple = ()) -> str:
+    """A self-contained HTML page: kept/dropped per reason (table and bars), the shards.
+
+    Args:
+        reasons: every reason the stage counts; each gets a row, 0 included, so a filter
+            that dropped nothing is visibly on (or off, in the settings).
+    """
     total_in = manifest["input_count"] or 1
-    rows = [("kept", manifest["total"])] + sorted(
-        manifest["dropped"].items(), key=lambda kv: (-kv[1], kv[0]))
+    dropped = {r: 0 for r in reasons} | manifest["dropped"]
+    rows = [("kept", manifest["total"])] + sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))
     table = H.table(["outcome", "samples", "share of input"],
                     [[label, n, f"{n / total_in:.1%}"] for label, n in rows])
     summary = (f"<p>{manifest['input_count']:,} samples read from <code>{H.esc(input_dir)}</code>; "
@@ -52,7 +58,8 @@ def render_report(manifest: dict, input_dir: str, seconds: float, settings: dict
     return H.page(
         "filter_shard: samples kept and dropped",
         summary,
-        "<h2>Kept and dropped, by reason</h2>" + table + _bar_chart_svg(rows),
+        "<h2>Kept and dropped, by reason</h2>" + table
+        + _bar_chart_svg([r for r in rows if r[1] or r[0] == "kept"]),
         "<h2>Settings</h2>" + H.table(["setting", "value"], sorted(settings.items())),
         "<h2>Shards</h2>" + f"<p class='note'>{len(manifest['shards'])} shards of "
         + " / ".join(str(n) for n in shard_sizes) + " samples; open_clip reads sizes.json.</p>",

@@ -14,7 +14,6 @@ and writes manifest, sizes, report and, last, the marker.
 Run it alone: ``python -m components.filter_shard --input DIR --output DIR``.
 """
 # No `from __future__ import annotations`: kfp reads the component's annotations as types.
-import argparse
 import dataclasses
 import json
 import logging
@@ -46,22 +45,36 @@ _OUTPUTS = ("manifest.json", "sizes.json", "report.html")
 # Folders in and out
 
 
+def _part_folders(input_dir: str, marker: dict) -> list[str]:
+    """The folders holding the tars: the artifact itself, or its download parts."""
+    return [str(p) for p in marker.get("parts") or []] or [str(input_dir)]
+
+
 def list_input_shards(input_dir: str) -> list[str]:
-    """The ``*.tar`` shards of an img2dataset folder, sorted, as paths or URLs.
+    """The ``*.tar`` shards of a download artifact, sorted, as paths or URLs.
+
+    A download split into parts (marker field ``parts``: the part folders) has its
+    shards in those folders; their names are unique across parts (global shard ids).
 
     Raises:
         ArtifactError: when ``input_dir`` is not a finished ``shards`` artifact.
-        ValueError: when it holds no ``.tar`` shard.
+        ValueError: when it holds no ``.tar`` shard, or two parts hold the same name.
     """
-    artifacts.read_marker(input_dir, "shards")
-    fs, root = fsspec.core.url_to_fs(str(input_dir))
-    found = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
+    marker = artifacts.read_marker(input_dir, "shards")
+    found, seen = [], {}
+    for folder in _part_folders(input_dir, marker):
+        fs, root = fsspec.core.url_to_fs(folder)
+        for path in sorted(fs.glob(root.rstrip("/") + "/*.tar")):
+            name = path.rsplit("/", 1)[-1]
+            if name in seen:
+                raise ValueError(f"{input_dir}: shard {name} is in two parts ({seen[name]} "
+                                 f"and {folder}); expected unique shard names across parts")
+            seen[name] = folder
+            found.append(fs.unstrip_protocol(path) if "://" in folder else path)
     if not found:
         raise ValueError(f"{input_dir}: no .tar shards; expected img2dataset webdataset "
                          "output (NNNNN.tar with KEY.jpg, KEY.txt, KEY.json)")
-    if "://" in str(input_dir):
-        return [fs.unstrip_protocol(p) for p in found]
-    return found
+    return sorted(found, key=lambda p: p.rsplit("/", 1)[-1])
 
 
 def _prepare_output(output_dir: str, input_dir: str) -> None:
@@ -98,38 +111,25 @@ def _settings(cfg: FilterConfig, runner: str) -> dict:
 # The step
 
 
-def run_filter_shard(
-    input_dir: str,
-    output_dir: str,
-    *,
-    samples_per_shard: int = 256,
-    min_caption_words: int | None = 3,
-    min_caption_chars: int | None = 6,
-    min_image_side: int | None = 64,
-    max_aspect_ratio: float | None = 3.0,
-    dedup_sha256: bool = True,
-    seed: int = 0,
-    runner: str = DEFAULT_RUNNER,
-    pipeline_options: dict | None = None,
-) -> dict:
+def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_RUNNER,
+                     pipeline_options: dict | None = None, **settings) -> dict:
     """Filter, deduplicate and reshard the img2dataset shards of ``input_dir``.
 
     Args:
         input_dir: the download step's folder (marker kind ``shards``); local or gs://.
         output_dir: the artifact folder to write; a previous filter_shard output there
             is replaced.
-        samples_per_shard: samples in each output shard (the last one may be short).
-        min_caption_words, min_caption_chars: drop captions with fewer words (split on
-            whitespace) or characters (after stripping); 0 or None turns a filter off.
-        min_image_side: drop images whose shorter decoded side is smaller (0/None: off).
-        max_aspect_ratio: drop images with longer/shorter side above this (0/None: off).
-        dedup_sha256: keep one sample (the smallest key) of identical image bytes.
-        seed: the output order is sorted by a hash of (seed, key).
-        runner: the Beam runner, e.g. ``"FnApiRunner"`` (local, offline) or
-            ``"DataflowRunner"`` (with ``project``, ``region``, ``temp_location`` and an
-            ``sdk_container_image`` holding this package in ``pipeline_options``).
+        runner: the Beam runner, ``"FnApiRunner"`` (local, offline) or
+            ``"DataflowRunner"`` (with ``components.filter_options.dataflow_options(...)``
+            as ``pipeline_options``).
         pipeline_options: more Beam pipeline options, e.g. ``{"direct_num_workers": 2}``
-            (on a 2-core machine two threads were slower than one: decoding holds the GIL).
+            (on a 2-core machine two threads were slower than one: the checks hold the GIL).
+        settings: the fields of ``FilterConfig``: ``samples_per_shard``,
+            ``min_caption_words``, ``min_caption_chars``, ``min_image_side``,
+            ``max_aspect_ratio``, ``dedup_sha256``, ``dedup_url``, ``english_only``,
+            ``clip_model``, ``clip_min_score``, ``clip_top_fraction``,
+            ``max_image_pixels``, ``full_decode``, ``seed`` (0 / None / False turns a
+            filter off).
 
     Returns:
         The marker fields: ``count`` (kept), ``input_count`` (samples read, plus those a
@@ -141,11 +141,13 @@ def run_filter_shard(
         ArtifactError: ``input_dir`` is not a finished ``shards`` artifact.
         ValueError: no ``.tar`` in ``input_dir``, bad settings, or every sample dropped.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard={samples_per_shard}; expected at least 1")
-    cfg = FilterConfig(min_caption_words=min_caption_words, min_caption_chars=min_caption_chars,
-                       min_image_side=min_image_side, max_aspect_ratio=max_aspect_ratio,
-                       dedup_sha256=dedup_sha256, seed=seed, samples_per_shard=samples_per_shard)
+    unknown = set(settings) - {f.name for f in dataclasses.fields(FilterConfig)}
+    if unknown:
+        raise TypeError(f"run_filter_shard: unknown settings {sorted(unknown)}; expected "
+                        f"fields of FilterConfig")
+    cfg = FilterConfig(**settings).validate()
+    if cfg.clip_model:
+        artifacts.read_marker(cfg.clip_model, "model")  # fail now, not on a worker
     tar_paths = list_input_shards(input_dir)
     _prepare_output(output_dir, input_dir)
 
@@ -176,12 +178,12 @@ def _finish(input_dir: str, output_dir: str, cfg: FilterConfig, runner: str,
     if kept + sum(dropped.values()) != input_count:
         raise RuntimeError(f"{input_dir}: counts do not add up: kept {kept} + dropped "
                            f"{dropped} != read {input_count}; the runner lost samples")
-    names = [shard_name(i) for i in range(len(shard_sizes(kept, cfg.samples_per_shard)))]
-    manifest = build_manifest(list(zip(names, shard_sizes(kept, cfg.samples_per_shard))),
-                              input_count, dropped)
+    sizes = shard_sizes(kept, cfg.samples_per_shard)
+    names = [shard_name(i) for i in range(len(sizes))]
+    manifest = build_manifest(list(zip(names, sizes)), input_count, dropped)
     settings = _settings(cfg, runner)
     write_outputs(output_dir, manifest,
-                  render_report(manifest, str(input_dir), seconds, settings))
+                  render_report(manifest, str(input_dir), seconds, settings, REASONS))
     rate = input_count / max(seconds, 1e-9)
     log.info("filter_shard: kept %d of %d samples in %d shards; dropped %s; %.1f s, "
              "%.0f samples/s", kept, input_count, len(names), dropped or "none", seconds, rate)
@@ -189,6 +191,17 @@ def _finish(input_dir: str, output_dir: str, cfg: FilterConfig, runner: str,
         output_dir, "filtered_shards", count=kept, input_count=input_count,
         dropped=manifest["dropped"], shards=names, seconds=round(seconds, 3),
         samples_per_second=round(rate, 1), settings=settings)
+
+
+def log_metrics(stats, result: dict) -> None:
+    """KFP Metrics of a run: input, kept, samples/s and ``dropped_<reason>`` for every
+    reason (0 included, so runs compare column by column)."""
+    stats.log_metric("input", result["input_count"])
+    stats.log_metric("kept", result["count"])
+    stats.log_metric("kept_fraction", result["count"] / max(result["input_count"], 1))
+    stats.log_metric("samples_per_second", result["samples_per_second"])
+    for reason in REASONS:
+        stats.log_metric(f"dropped_{reason}", result["dropped"].get(reason, 0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,26 +213,47 @@ def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
                  stats: Output[Metrics], report: Output[HTML],
                  samples_per_shard: int = 256, min_image_side: int = 64,
                  max_aspect_ratio: float = 3.0, min_caption_words: int = 3,
-                 dedup_sha256: bool = True, seed: int = 0, min_caption_chars: int = 6):
-    """Filter, deduplicate and reshard downloaded shards (Beam, local runner).
+                 dedup_sha256: bool = True, seed: int = 0, min_caption_chars: int = 6,
+                 dedup_url: bool = True, english_only: bool = False,
+                 clip_model: str = "", clip_min_score: float = -2.0,
+                 clip_top_fraction: float = 1.0, runner: str = "FnApiRunner",
+                 dataflow_project: str = "", dataflow_region: str = "",
+                 dataflow_temp_location: str = "", dataflow_machine_type: str = "",
+                 dataflow_max_workers: int = 0, dataflow_container_image: str = ""):
+    """Filter, deduplicate and reshard downloaded shards (Beam: local or Dataflow).
+
+    Args:
+        clip_model: a Model artifact URI (gs:// or local) to CLIP-score pairs with; ""
+            = no CLIP filter. clip_min_score (-2 = off) and clip_top_fraction (1 = off)
+            say what it keeps.
+        runner: "FnApiRunner" (in this task) or "DataflowRunner" (with the dataflow_*
+            settings; dataflow_container_image defaults to this component's image).
 
     Outputs: filtered (shard-NNNNN.tar, manifest.json, sizes.json), stats (input, kept,
-    dropped_<reason> counts), report (HTML page of kept/dropped per reason).
+    dropped_<reason> for every reason), report (HTML page of kept/dropped per reason).
     """
     import os
     import shutil
 
-    from components.filter_shard import run_filter_shard
+    from components.base import DATA_IMAGE
+    from components.filter_options import dataflow_options
+    from components.filter_shard import log_metrics, run_filter_shard
 
+    options = None
+    if runner == "DataflowRunner":
+        options = dataflow_options(
+            dataflow_project, dataflow_region, dataflow_temp_location,
+            machine_type=dataflow_machine_type, max_num_workers=dataflow_max_workers,
+            sdk_container_image=dataflow_container_image or DATA_IMAGE)
     result = run_filter_shard(
-        shards.path, filtered.path, samples_per_shard=samples_per_shard,
-        min_caption_words=min_caption_words, min_caption_chars=min_caption_chars,
-        min_image_side=min_image_side, max_aspect_ratio=max_aspect_ratio,
-        dedup_sha256=dedup_sha256, seed=seed)
-    stats.log_metric("input", result["input_count"])
-    stats.log_metric("kept", result["count"])
-    for reason, n in sorted(result["dropped"].items()):
-        stats.log_metric(f"dropped_{reason}", n)
+        shards.path, filtered.path, runner=runner, pipeline_options=options,
+        samples_per_shard=samples_per_shard, min_caption_words=min_caption_words,
+        min_caption_chars=min_caption_chars, min_image_side=min_image_side,
+        max_aspect_ratio=max_aspect_ratio, dedup_sha256=dedup_sha256, dedup_url=dedup_url,
+        english_only=english_only, clip_model=clip_model,
+        clip_min_score=clip_min_score if clip_min_score > -2.0 else None,
+        clip_top_fraction=clip_top_fraction if clip_top_fraction < 1.0 else None, seed=seed)
+    log_metrics(stats, result)
     os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
     shutil.copyfile(os.path.join(filtered.path, "report.html"), report.path)
     filtered.metadata.update(count=result["count"], input_count=result["input_count"],
@@ -228,35 +262,11 @@ def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: run_filter_shard on two folders; prints the marker as JSON."""
-    ap = argparse.ArgumentParser(prog="python -m components.filter_shard",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("--input", required=True, help="download step folder (kind 'shards')")
-    ap.add_argument("--output", required=True, help="folder for the filtered shards")
-    ap.add_argument("--samples-per-shard", type=int, default=256)
-    ap.add_argument("--min-caption-words", type=int, default=3)
-    ap.add_argument("--min-caption-chars", type=int, default=6)
-    ap.add_argument("--min-image-side", type=int, default=64)
-    ap.add_argument("--max-aspect-ratio", type=float, default=3.0)
-    ap.add_argument("--no-dedup", action="store_true", help="keep duplicate images")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runner", default=DEFAULT_RUNNER)
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="a Beam pipeline option (repeatable), e.g. direct_num_workers=2")
-    args = ap.parse_args(argv)
-    options = {}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)  # numbers and true/false as such
-        except ValueError:
-            options[key] = value
+    from components.filter_options import parse_args
+
+    kwargs = parse_args(argv, __doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run_filter_shard(
-        args.input, args.output, samples_per_shard=args.samples_per_shard,
-        min_caption_words=args.min_caption_words, min_caption_chars=args.min_caption_chars,
-        min_image_side=args.min_image_side, max_aspect_ratio=args.max_aspect_ratio,
-        dedup_sha256=not args.no_dedup, seed=args.seed, runner=args.runner,
-        pipeline_options=options)
+    result = run_filter_shard(**kwargs)
     print(json.dumps(result, indent=2))
     return result
 

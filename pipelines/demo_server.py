@@ -25,7 +25,12 @@ import pandas as pd
 from PIL import Image
 
 # Bad-row kinds, in the order they are made (the order fixes what the seed picks).
-BAD_KINDS = ("http_404", "html_page", "tiny_image", "duplicate_image", "short_caption")
+BAD_KINDS = ("http_404", "html_page", "tiny_image", "duplicate_image", "short_caption",
+             "truncated_jpeg", "redirect_to_metadata")
+
+# Where a redirect_to_metadata row points: the cloud metadata server, which on a cloud
+# worker would hand out its credentials. The download's URL-safety guard refuses it.
+METADATA_URL = "http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token"
 
 # Captions a scraper really finds next to images: nothing, or one uninformative word.
 _SHORT_CAPTIONS = ("", "image", "photo", "IMG_2041", "untitled", "thumbnail", " ")
@@ -41,14 +46,24 @@ class _RootedHandler(http.server.SimpleHTTPRequestHandler):
     """Serves regular files under ``directory`` only: no listings, nothing outside it.
 
     ``SimpleHTTPRequestHandler`` already drops ``..`` segments; the realpath check also
-    stops symlinks that lead out of the root.
+    stops symlinks that lead out of the root. A file ``NAME.location`` beside ``NAME``
+    makes ``NAME`` answer 302 to the URL it holds (a redirect, as image hosts send).
     """
 
     def send_head(self):
         path = self.translate_path(self.path)
         root = os.path.realpath(self.directory)
         real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root or not os.path.isfile(real):
+        inside = os.path.commonpath([root, real]) == root
+        if inside and os.path.isfile(real + ".location"):
+            with open(real + ".location") as f:
+                location = f.read().strip()
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        if not inside or not os.path.isfile(real):
             self.send_error(404, "File not found")
             return None
         return super().send_head()
@@ -109,6 +124,12 @@ def _check_samples(samples: list[dict], root: str) -> None:
                              f"expected 'file' to be a JPEG path relative to {root}")
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def _save_jpeg(img: Image.Image, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img.convert("RGB").save(path, format="JPEG", quality=90)
@@ -146,6 +167,15 @@ def _bad_row(kind: str, i: int, src: dict, root: str, base_url: str, rng: random
         with Image.open(src_path) as im:
             _save_jpeg(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), os.path.join(root, rel))
         row["caption"] = rng.choice(_SHORT_CAPTIONS)
+    elif kind == "truncated_jpeg":
+        # The connection dropped mid-transfer: the first half of a real JPEG.
+        rel = f"bad/cut-{i:05d}.jpg"
+        with open(src_path, "rb") as f:
+            data = f.read()
+        _write_bytes(os.path.join(root, rel), data[: len(data) // 2])
+    elif kind == "redirect_to_metadata":
+        rel = f"bad/moved-{i:05d}.jpg"  # answers 302 to the metadata server
+        _write_bytes(os.path.join(root, rel + ".location"), METADATA_URL.encode())
     else:
         raise ValueError(f"unknown bad row kind {kind!r}; expected one of {BAD_KINDS}")
     row["url"] = _url(base_url, rel)
@@ -170,7 +200,9 @@ def write_url_list(samples: list[dict], root: str, base_url: str, out_path: str,
         Rows per kind: ``good`` and each of ``BAD_KINDS`` (``http_404``: the server
         answers 404; ``html_page``: 200 with an HTML body; ``tiny_image``: 16-24 px;
         ``duplicate_image``: the bytes of a good sample under another URL;
-        ``short_caption``: a new image with an empty or one-word caption).
+        ``short_caption``: a new image with an empty or one-word caption;
+        ``truncated_jpeg``: the first half of a JPEG; ``redirect_to_metadata``: 302 to
+        the cloud metadata address, which the download must refuse).
 
     Raises:
         ValueError: naming the sample, when one lacks a field or its file is missing.

@@ -83,6 +83,17 @@ def test_refuses_paths_outside_root(served, path):
     assert b"TOP SECRET" not in body and b"root:" not in body
 
 
+def test_location_file_makes_a_redirect(served):
+    root, base_url = served
+    (root / "moved.jpg.location").write_text("http://169.254.169.254/latest/meta-data/")
+    parsed = urllib.parse.urlparse(base_url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)
+    conn.request("GET", "/moved.jpg")
+    r = conn.getresponse()
+    assert r.status == 302 and r.getheader("Location") == "http://169.254.169.254/latest/meta-data/"
+    conn.close()
+
+
 def test_refuses_symlink_out_of_root_and_listings(served, tmp_path):
     root, base_url = served
     os.symlink(tmp_path / "secret.txt", root / "link.txt")
@@ -111,11 +122,15 @@ def test_not_a_folder(tmp_path):
 
 def _classify(row, good_hashes):
     """What the server really answers for a URL list row, judged from outside."""
-    status, body, ctype = _get(row.url)
+    status, body = _raw_get(row.url, urllib.parse.urlparse(row.url).path)  # no redirects
+    if status == 302:
+        return "redirect_to_metadata"
     if status == 404:
         return "http_404"
     if body.lstrip().lower().startswith(b"<!doctype html"):
         return "html_page"
+    if not body.endswith(b"\xff\xd9"):
+        return "truncated_jpeg"
     with Image.open(io.BytesIO(body)) as im:
         if max(im.size) <= 24:
             return "tiny_image"
@@ -137,7 +152,7 @@ def test_write_url_list_makes_each_kind_of_bad_row(tmp_path):
                        for s in samples}
         seen = pd.Series([_classify(r, good_hashes) for r in df.itertuples()]).value_counts()
     assert counts == {"good": 40, **{k: 2 for k in BAD_KINDS}}
-    assert list(df.columns) == ["url", "caption", "label"] and len(df) == 50
+    assert list(df.columns) == ["url", "caption", "label"] and len(df) == 40 + 2 * len(BAD_KINDS)
     assert seen.to_dict() == counts
     assert df["url"].is_unique
     assert all((root / "bad").iterdir())  # bad files live under root/bad

@@ -1,0 +1,133 @@
+"""filter_shard throughput next to a plain tar-to-tar copy of the same shards.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_filter.py [--shards 4] [--per-shard 1000]
+
+Writes img2dataset-like shards (256 px JPEGs, captions, KEY.json) to a temporary folder,
+then times, in the same run and on the same files:
+
+* copy: read every member of every tar with ``tarfile`` and write them to new tars (the
+  floor any reshard pays: read, parse, write);
+* filter_shard: ``run_filter_shard`` with its defaults (DataComp-basic caption rules,
+  size and aspect checks, sha256 and URL dedup) on Beam's local FnApiRunner.
+
+Prints samples/s of each and the ratio filter/copy (issue floor: >= 0.5). Each is timed
+``--repeat`` times and the best run counts (the CPU is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from PIL import Image  # noqa: E402
+
+from clipa_model.artifacts import write_marker  # noqa: E402
+
+WORDS = ("a photo of the red green blue small large dog cat house tree car on in with near "
+         "old new bright dark").split()
+
+
+def _jpeg(rng: random.Random, side: int) -> bytes:
+    """A 256-px-short-side JPEG with some texture (so it compresses like a photo)."""
+    w, h = side + rng.randint(0, side // 2), side
+    base = Image.effect_noise((w // 8, h // 8), 60).resize((w, h), Image.BILINEAR)
+    colour = Image.new("RGB", (w, h), tuple(rng.randint(0, 255) for _ in range(3)))
+    im = Image.blend(colour, base.convert("RGB"), 0.5)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shards(folder: str, n_shards: int, per_shard: int, seed: int = 0) -> int:
+    """img2dataset-like shards NNNNN.tar (KEY.jpg, KEY.json, KEY.txt) plus a marker."""
+    rng = random.Random(seed)
+    pool = [_jpeg(rng, 256) for _ in range(64)]
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tf:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                # distinct bytes per sample: a unique JPEG comment after the SOI marker
+                base = pool[rng.randrange(len(pool))]
+                jpg = base[:2] + b"\xff\xfe\x00\x0a" + key.encode()[:8] + base[2:]
+                caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+                meta = {"key": key, "url": f"http://example.com/{key}.jpg", "caption": caption,
+                        "status": "success", "width": 256, "height": 256}
+                for ext, data in (("jpg", jpg), ("json", json.dumps(meta).encode()),
+                                  ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        with open(os.path.join(folder, f"{s:05d}_stats.json"), "w") as f:
+            json.dump({"count": per_shard, "successes": per_shard}, f)
+    total = n_shards * per_shard
+    write_marker(folder, "shards", count=total, successes=total, failures={},
+                 shards=[f"{s:05d}.tar" for s in range(n_shards)], seconds=0.0)
+    return total
+
+
+def tar_copy(src: str, dst: str) -> int:
+    """Copy every tar of ``src`` member by member into ``dst``; returns samples copied."""
+    os.makedirs(dst, exist_ok=True)
+    samples = 0
+    for name in sorted(n for n in os.listdir(src) if n.endswith(".tar")):
+        with tarfile.open(os.path.join(src, name)) as tin, \
+                tarfile.open(os.path.join(dst, name), "w") as tout:
+            for member in tin:
+                tout.addfile(member, tin.extractfile(member))
+                samples += member.name.endswith(".jpg")
+    return samples
+
+
+def best_of(repeat: int, fn) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> float:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="cProfile one filter run")
+    args = ap.parse_args(argv)
+
+    from components.filter_shard import run_filter_shard
+
+    with tempfile.TemporaryDirectory(prefix="bench-filter-") as tmp:
+        src = os.path.join(tmp, "shards")
+        os.makedirs(src)
+        n = write_shards(src, args.shards, args.per_shard)
+        size_mb = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src)) / 2**20
+        print(f"{n} samples in {args.shards} shards ({size_mb:.0f} MB)")
+        run_filter_shard(src, os.path.join(tmp, "warm"), samples_per_shard=args.per_shard)
+        copy_s = best_of(args.repeat, lambda: tar_copy(src, os.path.join(tmp, "copy")))
+        filt_s = best_of(args.repeat, lambda: run_filter_shard(
+            src, os.path.join(tmp, "filtered"), samples_per_shard=args.per_shard))
+        if args.profile:
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            prof.runcall(run_filter_shard, src, os.path.join(tmp, "prof"),
+                         samples_per_shard=args.per_shard)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    ratio = copy_s / filt_s
+    print(f"tar-to-tar copy: {n / copy_s:,.0f} samples/s ({copy_s:.2f} s)")
+    print(f"filter_shard:    {n / filt_s:,.0f} samples/s ({filt_s:.2f} s)")
+    print(f"ratio filter/copy: {ratio:.2f} (issue floor 0.5)")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Runner settings and the command line of ``filter_shard``.
+
+Local (default): Beam's FnApiRunner in the calling process, offline. Google Cloud:
+``dataflow_options(...)`` gives the DataflowRunner options; the workers need this package
+(a container image with it installed, or a wheel of it). From the command line::
+
+    python -m components.filter_shard --input gs://b/shards --output gs://b/filtered \\
+        --runner DataflowRunner --project P --region us-central1 \\
+        --temp-location gs://b/tmp --machine-type n2-standard-4 --max-workers 50 \\
+        --sdk-container-image us-docker.pkg.dev/P/clipa/clipa-data:0.1.0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+def dataflow_options(project: str, region: str, temp_location: str, *,
+                     machine_type: str = "", max_num_workers: int = 0,
+                     sdk_container_image: str = "", extra_packages: tuple = (),
+                     **more) -> dict:
+    """Beam pipeline options that run ``filter_shard`` on Google Cloud Dataflow.
+
+    The workers need this package: either a worker container that has it installed
+    (``sdk_container_image``, e.g. the pipeline's data image) or a wheel of it
+    (``extra_packages=["dist/clipa_pipeline-0.1.0-py3-none-any.whl"]``, built with
+    ``pip wheel --no-deps -w dist .``).
+
+    Args:
+        project, region: the Google Cloud project and Dataflow region.
+        temp_location: a ``gs://`` folder for Dataflow's temporary and staging files.
+        machine_type: worker machine type, e.g. ``"n2-standard-4"`` ("" = Dataflow's).
+        max_num_workers: autoscaling ceiling (0 = Dataflow's default).
+        sdk_container_image, extra_packages: how the workers get this package.
+        more: any other Beam option, e.g. ``service_account_email``, ``network``.
+
+    Returns:
+        A dict for ``run_filter_shard(pipeline_options=...)``.
+
+    Raises:
+        ValueError: naming the option, when one is missing or not where it must be.
+    """
+    for name, value in (("project", project), ("region", region)):
+        if not value:
+            raise ValueError(f"Dataflow needs {name}=; expected a Google Cloud {name}")
+    if not str(temp_location).startswith("gs://"):
+        raise ValueError(f"temp_location={temp_location!r}; expected a gs:// folder for "
+                         "Dataflow's temporary files")
+    if not sdk_container_image and not extra_packages:
+        raise ValueError("Dataflow workers need this package: give sdk_container_image "
+                         "(an image with clipa-pipeline installed) or extra_packages (a wheel)")
+    options = {"project": project, "region": region, "temp_location": temp_location,
+               "save_main_session": False, **more}
+    if machine_type:
+        options["machine_type"] = machine_type
+    if max_num_workers:
+        options["max_num_workers"] = int(max_num_workers)
+    if sdk_container_image:
+        options["sdk_container_image"] = sdk_container_image
+    if extra_packages:
+        options["extra_packages"] = list(extra_packages)
+    return options
+
+
+def _flag_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> options; numbers and true/false parsed as JSON."""
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def parse_args(argv: list[str] | None, description: str) -> dict:
+    """The command line of ``python -m components.filter_shard`` -> run_filter_shard kwargs."""
+    ap = argparse.ArgumentParser(prog="python -m components.filter_shard",
+                                 description=description)
+    ap.add_argument("--input", required=True, help="download step folder (kind 'shards')")
+    ap.add_argument("--output", required=True, help="folder for the filtered shards")
+    ap.add_argument("--samples-per-shard", type=int, default=256)
+    ap.add_argument("--min-caption-words", type=int, default=3)
+    ap.add_argument("--min-caption-chars", type=int, default=6)
+    ap.add_argument("--min-image-side", type=int, default=64)
+    ap.add_argument("--max-aspect-ratio", type=float, default=3.0)
+    ap.add_argument("--no-dedup", action="store_true", help="keep duplicate images")
+    ap.add_argument("--no-dedup-url", action="store_true", help="keep duplicate URLs")
+    ap.add_argument("--english-only", action="store_true", help="keep English captions only")
+    ap.add_argument("--clip-model", default="", help="Model artifact to CLIP-score with")
+    ap.add_argument("--clip-min-score", type=float, default=None)
+    ap.add_argument("--clip-top-fraction", type=float, default=None)
+    ap.add_argument("--full-decode", action="store_true",
+                    help="decode every image instead of checking its header")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runner", default="FnApiRunner", help="FnApiRunner or DataflowRunner")
+    df = ap.add_argument_group("Dataflow (with --runner DataflowRunner)")
+    for flag in ("--project", "--region", "--temp-location", "--machine-type",
+                 "--sdk-container-image"):
+        df.add_argument(flag, default="")
+    df.add_argument("--max-workers", type=int, default=0)
+    df.add_argument("--extra-package", action="append", default=[],
+                    help="a wheel of this project for the workers (repeatable)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Beam pipeline option (repeatable), e.g. direct_num_workers=2")
+    a = ap.parse_args(argv)
+    options = _flag_options(a.option)
+    if a.runner == "DataflowRunner":
+        options = dataflow_options(a.project, a.region, a.temp_location,
+                                   machine_type=a.machine_type, max_num_workers=a.max_workers,
+                                   sdk_container_image=a.sdk_container_image,
+                                   extra_packages=tuple(a.extra_package), **options)
+    return dict(input_dir=a.input, output_dir=a.output, runner=a.runner,
+                pipeline_options=options, samples_per_shard=a.samples_per_shard,
+                min_caption_words=a.min_caption_words, min_caption_chars=a.min_caption_chars,
+                min_image_side=a.min_image_side, max_aspect_ratio=a.max_aspect_ratio,
+                dedup_sha256=not a.no_dedup, dedup_url=not a.no_dedup_url,
+                english_only=a.english_only, clip_model=a.clip_model,
+                clip_min_score=a.clip_min_score, clip_top_fraction=a.clip_top_fraction,
+                full_decode=a.full_decode, seed=a.seed)
