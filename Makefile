@@ -1,12 +1,17 @@
 # Two commands do everything on a fresh machine (Python 3.11):
 #   make demo   set up .venv and run the whole pipeline on the embedded synthetic default
 #   make test   set up .venv and run the test suite
+#   make test-xla   the TPU code path on torch_xla (PJRT_DEVICE=CPU) in a second venv
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# torch_xla 2.9.0 needs torch 2.9.0 exactly, so the XLA lane has its own venv (under build/,
+# which git ignores and `make clean` removes).
+XLA_VENV  ?= build/venv-xla
+XLA_STAMP := $(XLA_VENV)/.installed
 
-.PHONY: demo test setup compile clean
+.PHONY: demo test test-xla setup setup-xla compile clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +26,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(XLA_STAMP): tests/xla/requirements.txt
+	test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(XLA_VENV)/bin/python -m pip install -q --no-cache-dir -r tests/xla/requirements.txt
+	touch $(XLA_STAMP)
+
+setup-xla: $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/xla
 
 compile: $(STAMP)
 	$(VENV)/bin/clipa compile --output pipeline.yaml

@@ -3,6 +3,7 @@
     checkpoint.pt        state dict (tensors only: ``torch.load(weights_only=True)``)
     model_config.json    preset + image_size, text_len, mean, std, interpolation
     stage_config.json    the StageConfig that produced it
+    resolved_config.json the run as resolved: derived steps / LR / FLOPs, world size, device
     history.jsonl        one row per step
     curve.png            loss vs samples seen
     clipa_artifact.json  marker, kind "model", written last
@@ -49,7 +50,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 
 def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConfig,
-                        history: list[dict], summary: dict) -> dict:
+                        history: list[dict], summary: dict, resolved: dict | None = None) -> dict:
     """Write the Model artifact; the marker goes last.
 
     Args:
@@ -57,6 +58,8 @@ def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConf
         model: trained model; preset: its preset name.
         stage: the stage config that trained it (its image_size / text_len are the model's).
         history: rows from ``train_loop``; summary: from ``train.summarize``.
+        resolved: the run's resolved config (``planner.resolved_config``), saved as
+            resolved_config.json.
 
     Returns:
         The marker dict.
@@ -69,6 +72,8 @@ def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConf
     write_json_atomic(join(out_dir, "model_config.json"),
                       model_config(preset, stage.image_size, stage.text_len))
     write_json_atomic(join(out_dir, "stage_config.json"), stage.to_dict())
+    if resolved is not None:
+        write_json_atomic(join(out_dir, "resolved_config.json"), resolved)
     lines = "".join(json.dumps(r) + "\n" for r in history)
     _write_bytes(join(out_dir, "history.jsonl"), lines.encode())
     _write_bytes(join(out_dir, "curve.png"), plot_curve(history, title=f"{stage.stage} ({preset})"))
@@ -95,23 +100,26 @@ def read_history(model_dir: str) -> list[dict]:
 
 
 def load_model(model_dir: str, image_size: int | None = None, text_len: int | None = None,
-               mask_ratio: float = 0.0) -> tuple[CLIP, dict]:
+               mask_ratio: float = 0.0, image_mask: str = "random") -> tuple[CLIP, dict]:
     """Build a model at the requested token counts and load a Model artifact into it.
 
     Args:
         model_dir: Model artifact folder.
         image_size, text_len: sizes to build at; default: the checkpoint's own.
-        mask_ratio: patch masking of the rebuilt model (train mode only).
+        mask_ratio, image_mask: patch masking of the rebuilt model (train mode only).
 
     Returns:
         (model in eval mode, model_config dict updated to the new sizes).
+
+    Raises:
+        ConfigError: the weights do not fit the preset named in model_config.json.
     """
     cfg = read_model_config(model_dir)
     image_size = image_size or cfg["image_size"]
     text_len = text_len or cfg["text_len"]
-    model = build_model(cfg["preset"], image_size, text_len, mask_ratio)
+    model = build_model(cfg["preset"], image_size, text_len, mask_ratio, image_mask)
     with fsspec.open(join(model_dir, "checkpoint.pt"), "rb") as f:
         state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    load_weights(model, state_dict)
+    load_weights(model, state_dict, source=f"{model_dir}/checkpoint.pt")
     model.eval()
     return model, {**cfg, "image_size": image_size, "text_len": text_len}

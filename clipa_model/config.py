@@ -15,6 +15,12 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field at fault."""
 
 
+# Kept here (not imported) so that the config module stays free of torch.
+IMAGE_MASKS = ("random", "grid", "block")
+TEXT_REDUCTIONS = ("truncate", "random", "block", "syntax")
+DEVICES = ("auto", "cpu", "cuda", "xla")
+
+
 @dataclass
 class StageConfig:
     """Everything one training stage needs besides the data and the model preset.
@@ -38,6 +44,16 @@ class StageConfig:
         num_workers: data loader processes (0 = decode in the training process).
         precision: "bf16" (autocast matmuls to bfloat16; ~1.5x faster on AVX-512 CPUs)
             or "fp32".
+        image_mask: which patches ``mask_ratio`` drops: "random" (CLIPA-v2), "grid" or
+            "block" (token_reduction.py); resizing to ``image_size`` is always applied.
+        text_reduction: how captions fit ``text_len`` in training: "truncate", "random",
+            "block" or "syntax" (CLIPA's best); evaluation always truncates.
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "xla" (TPU, PJRT).
+        grad_checkpointing: recompute activations in the backward pass (less memory).
+        compile: wrap the model in ``torch.compile``.
+        checkpoint_every: steps between resumable checkpoints (0 = by time only).
+        checkpoint_minutes: minutes between resumable checkpoints (0 = by steps only).
+        keep_checkpoints: resumable checkpoints kept (older ones are deleted).
     """
 
     stage: str = "pretrain"
@@ -56,6 +72,14 @@ class StageConfig:
     num_threads: int = 0
     num_workers: int = 0
     precision: str = "bf16"
+    image_mask: str = "random"
+    text_reduction: str = "truncate"
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -90,6 +114,14 @@ class StageConfig:
             ("precision", self.precision in ("bf16", "fp32"), '"bf16" or "fp32"'),
             ("crop_scale", 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
              "(min, max) with 0 < min <= max <= 1"),
+            ("image_mask", self.image_mask in IMAGE_MASKS, f"one of {IMAGE_MASKS}"),
+            ("text_reduction", self.text_reduction in TEXT_REDUCTIONS,
+             f"one of {TEXT_REDUCTIONS}"),
+            ("device", self.device in DEVICES, f"one of {DEVICES}"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("checkpoint_minutes", self.checkpoint_minutes >= 0, ">= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
         ]
         if patch_size is not None:
             checks.append(("image_size", self.image_size % patch_size == 0,

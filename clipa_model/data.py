@@ -9,9 +9,9 @@ and resized in one PIL call, and kept uint8 until the training step, which norma
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import random
-from itertools import islice
 from typing import Callable, Iterator
 
 import numpy as np
@@ -99,8 +99,8 @@ def center_resize(img: Image.Image, size: int, resample: int = Image.BILINEAR) -
 
 def normalize(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 (B, 3, H, W), scaled to [0, 1] then standardised."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean_t) / std_t
 
 
@@ -110,79 +110,122 @@ def _to_chw(batch: list[np.ndarray]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- training stream
+#
+# The stream is a pure function of (seed, consumer, position), so a resumed run sees the
+# very batches the interrupted one would have seen. A consumer is one (rank, loader worker)
+# pair; consumers take turns over an endless sequence of shards (every epoch reshuffled),
+# so each one always has data and every rank yields exactly the requested number of
+# batches, however the shards divide. Skipped samples on resume are read but never decoded.
 
-class _EpochShards(torch.utils.data.IterableDataset):
-    """Yields {"url": shard} for ``epochs`` passes, the shard order reshuffled each pass."""
+def consumer_shards(urls: list[str], seed: int, consumer: int, n_consumers: int) -> Iterator[dict]:
+    """Endless {"url"} stream of one consumer: every ``n_consumers``-th shard of the
+    concatenated per-epoch shuffles, starting at position ``consumer``."""
+    position = 0
+    for epoch in itertools.count():
+        order = list(urls)
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        for url in order:
+            if position % n_consumers == consumer:
+                yield {"url": url}
+            position += 1
 
-    def __init__(self, urls: list[str], epochs: int, seed: int):
-        super().__init__()
-        self.urls, self.epochs, self.seed = list(urls), epochs, seed
 
-    def __iter__(self):
-        for epoch in range(self.epochs):
-            order = list(self.urls)
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            yield from ({"url": u} for u in order)
+def consumer_samples(urls: list[str], seed: int, consumer: int, n_consumers: int,
+                     shuffle_buffer: int) -> Iterator[dict]:
+    """Raw samples ({"__key__", "jpg", "txt", ...}) of one consumer, shuffled in a buffer."""
+    rng = random.Random(f"{seed}-{consumer}")
+    return wds.DataPipeline(
+        lambda: consumer_shards(urls, seed, consumer, n_consumers),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer // 2, rng=rng),
+    ).iterator()
 
 
 class _TrainDecoder:
     """sample {"jpg", "txt"} -> ((S, S, 3) uint8 crop, caption); picklable for workers."""
 
-    def __init__(self, image_size: int, crop_scale: tuple[float, float], seed: int):
+    def __init__(self, image_size: int, crop_scale: tuple[float, float]):
         self.image_size, self.crop_scale = image_size, crop_scale
         # Decode big enough that the smallest crop still has ~image_size pixels per side.
         self.min_side = math.ceil(image_size / math.sqrt(crop_scale[0]))
-        self.rng = random.Random(seed)
 
-    def __call__(self, sample: dict) -> tuple[np.ndarray, str]:
+    def __call__(self, sample: dict, rng: random.Random) -> tuple[np.ndarray, str]:
         img = open_jpeg(sample["jpg"], self.min_side)
-        crop = random_resized_crop(img, self.image_size, self.crop_scale, self.rng)
+        crop = random_resized_crop(img, self.image_size, self.crop_scale, rng)
         return crop, sample["txt"].decode("utf-8")
 
 
-def _collate_train(tokenizer: Callable) -> Callable:
-    def collate(batch: list[tuple[np.ndarray, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, captions = zip(*batch)
-        return _to_chw(list(images)), tokenizer(list(captions))  # (B,3,S,S) u8, (B,T)
-    return collate
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless batches of one rank; with DataLoader workers, each worker is a consumer.
+
+    Args:
+        urls: shard paths; tokenizer: callable(list[str]) -> (B, T).
+        rank, world_size: this process in the run; num_workers: its loader workers.
+        skip_batches: batches of this rank already consumed (resume position).
+    """
+
+    def __init__(self, urls: list[str], image_size: int, batch_size: int, tokenizer: Callable,
+                 crop_scale: tuple[float, float], seed: int, shuffle_buffer: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, skip_batches: int = 0):
+        super().__init__()
+        self.urls, self.batch_size, self.tokenizer = list(urls), batch_size, tokenizer
+        self.decoder = _TrainDecoder(image_size, crop_scale)
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.skip_batches = skip_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        consumer = self.rank * self.workers + worker
+        # The DataLoader takes batches from its workers in turn: batch b is worker b % W's.
+        skip = max(0, -(-(self.skip_batches - worker) // self.workers))
+        index = skip * self.batch_size  # samples of this consumer before the resume point
+        samples = itertools.islice(
+            consumer_samples(self.urls, self.seed, consumer, self.world_size * self.workers,
+                             self.shuffle_buffer), index, None)  # skipped: read, not decoded
+        for batch_index in itertools.count(skip):
+            items = []
+            for sample in itertools.islice(samples, self.batch_size):
+                items.append(self.decoder(sample, random.Random(f"{self.seed}-{consumer}-{index}")))
+                index += 1
+            if hasattr(self.tokenizer, "rng"):  # random/block text reduction, resumable
+                self.tokenizer.rng.seed(f"{self.seed}-{consumer}-b{batch_index}")
+            images, captions = zip(*items)
+            yield _to_chw(list(images)), self.tokenizer(list(captions))  # (B,3,S,S) u8, (B,T)
 
 
 def train_batches(data_dir: str, image_size: int, batch_size: int, steps: int,
                   tokenizer: Callable, crop_scale: tuple[float, float] = (0.4, 1.0),
-                  seed: int = 0, num_workers: int = 0,
-                  shuffle_buffer: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly ``steps`` training batches, passing over the shards as often as needed.
+                  seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
+                  rank: int = 0, world_size: int = 1,
+                  start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``start_step`` .. ``steps - 1`` of this rank, passing over the shards as often
+    as needed.
 
     Args:
         data_dir: a ``filtered_shards`` artifact folder.
         image_size: crop side in pixels.
-        batch_size: samples per batch (full batches only; the stream runs across epochs).
-        steps: number of batches to yield.
-        tokenizer: callable(list[str]) -> (B, T) token ids, truncating to T.
+        batch_size: samples per batch of this rank (full batches only).
+        steps: batches in the whole stage; start_step: batches already consumed (resume).
+        tokenizer: callable(list[str]) -> (B, T) token ids, with the text reduction.
         crop_scale: area range of the random resized crop.
-        seed: shard order, shuffle buffer and crop randomness.
-        num_workers: 0 decodes in this process; n > 0 uses n DataLoader processes,
-            the shards split between them.
+        seed: shard order, shuffle buffer, crops and text reduction choices.
+        num_workers: 0 decodes in this process; n > 0 uses n DataLoader processes.
         shuffle_buffer: samples held for shuffling across shard boundaries.
+        rank, world_size: this process's share of the data (distributed training).
 
     Yields:
-        (images (B, 3, S, S) uint8, tokens (B, T) int64).
+        (images (B, 3, S, S) uint8, tokens (B, T) int64), ``steps - start_step`` of them.
     """
     urls, total = list_train_shards(data_dir)
-    epochs = math.ceil(steps * batch_size / total) + 1 + num_workers  # margin: buffers, splits
-    pipeline = wds.DataPipeline(
-        _EpochShards(urls, epochs, seed),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(),
-        wds.shuffle(min(shuffle_buffer, total), initial=min(shuffle_buffer, total) // 2,
-                    rng=random.Random(seed)),
-        wds.map(_TrainDecoder(image_size, crop_scale, seed)),
-        wds.batched(batch_size, collation_fn=_collate_train(tokenizer), partial=False),
-    )
+    stream = TrainStream(urls, image_size, batch_size, tokenizer, crop_scale, seed,
+                         min(shuffle_buffer, total), rank, world_size, num_workers, start_step)
+    source = stream
     if num_workers > 0:
-        pipeline = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                               prefetch_factor=4, persistent_workers=False)
-    yield from islice(pipeline, steps)
+        source = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                             prefetch_factor=4, persistent_workers=False)
+    yield from itertools.islice(source, max(0, steps - start_step))
 
 
 # ---------------------------------------------------------------- eval stream

@@ -3,8 +3,9 @@
 A stage changes the token counts, never the weights' shapes: the image side (84 -> 224 ->
 336) changes the patch grid, whose sin-cos position embedding is recomputed; the text
 length (8 -> 32) changes the learned text position embedding, which is resized by linear
-interpolation (open_clip's ``resize_text_pos_embed``). Random patch masking in finetuning is
-open_clip's ``PatchDropout``: active in train mode only.
+interpolation (open_clip's ``resize_text_pos_embed``). Patch masking in finetuning is
+``token_reduction.ImageTokenMasking`` in place of open_clip's ``PatchDropout``: active in
+train mode only.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from clipa_model.config import ConfigError
 from clipa_model.presets import Preset, get_preset
+from clipa_model.token_reduction import IMAGE_MASKS, ImageTokenMasking
 
 
 def check_sizes(preset: Preset, image_size: int, text_len: int, mask_ratio: float = 0.0) -> None:
@@ -28,7 +30,7 @@ def check_sizes(preset: Preset, image_size: int, text_len: int, mask_ratio: floa
 
 
 def build_model(preset: str | Preset, image_size: int, text_len: int,
-                mask_ratio: float = 0.0) -> CLIP:
+                mask_ratio: float = 0.0, image_mask: str = "random") -> CLIP:
     """Build a freshly initialised CLIPA model.
 
     Args:
@@ -36,21 +38,40 @@ def build_model(preset: str | Preset, image_size: int, text_len: int,
         image_size: input side in pixels (a multiple of the patch size).
         text_len: text context length in tokens.
         mask_ratio: fraction of patches dropped in train mode (0 disables).
+        image_mask: which patches go: "random", "grid" or "block" (token_reduction.py).
 
     Returns:
         ``open_clip.model.CLIP`` in train mode, float32.
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     check_sizes(p, image_size, text_len, mask_ratio)
-    vision = CLIPVisionCfg(
-        layers=p.vision_layers, width=p.vision_width, head_width=p.vision_width // p.vision_heads,
-        mlp_ratio=p.vision_mlp_ratio, patch_size=p.patch_size, image_size=image_size,
-        patch_dropout=mask_ratio, no_ln_pre=True, pos_embed_type="sin_cos_2d",
-        pool_type="avg", final_ln_after_pool=True)
-    text = CLIPTextCfg(
-        context_length=text_len, vocab_size=p.vocab_size, width=p.text_width,
-        heads=p.text_heads, layers=p.text_layers, pool_type=p.text_pool, no_causal_mask=True)
-    return CLIP(embed_dim=p.embed_dim, vision_cfg=vision, text_cfg=text)
+    if image_mask not in IMAGE_MASKS:
+        raise ConfigError(f"image_mask={image_mask!r}: expected one of {IMAGE_MASKS}")
+    vision = CLIPVisionCfg(**vision_cfg(p, image_size))
+    text = CLIPTextCfg(**text_cfg(p, text_len))
+    model = CLIP(embed_dim=p.embed_dim, vision_cfg=vision, text_cfg=text)
+    if mask_ratio > 0:  # replaces open_clip's PatchDropout (random only, host-side RNG)
+        model.visual.patch_dropout = ImageTokenMasking(mask_ratio, image_mask)
+    return model
+
+
+def vision_cfg(p: Preset, image_size: int) -> dict:
+    """open_clip ``CLIPVisionCfg`` fields of the CLIPA-v2 image tower (no patch dropout)."""
+    return dict(layers=p.vision_layers, width=p.vision_width,
+                head_width=p.vision_width // p.vision_heads, mlp_ratio=p.vision_mlp_ratio,
+                patch_size=p.patch_size, image_size=image_size, no_ln_pre=True,
+                pos_embed_type="sin_cos_2d", pool_type="avg", final_ln_after_pool=True)
+
+
+def text_cfg(p: Preset, text_len: int) -> dict:
+    """open_clip ``CLIPTextCfg`` fields of the CLIPA-v2 text tower (bidirectional, last pool)."""
+    cfg = dict(context_length=text_len, vocab_size=p.vocab_size, width=p.text_width,
+               heads=p.text_heads, layers=p.text_layers, pool_type=p.text_pool,
+               no_causal_mask=True)
+    if p.tokenizer == "bert-base-uncased":  # what open_clip's CLIPA configs name
+        cfg.update(hf_tokenizer_name="bert-base-uncased",
+                   tokenizer_kwargs={"strip_sep_token": True})
+    return cfg
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: CLIP) -> dict[str, torch.Tensor]:
@@ -74,11 +95,37 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: CLIP) -> dict[s
     return sd
 
 
-def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor]) -> None:
+def check_architecture(state_dict: dict[str, torch.Tensor], model: CLIP,
+                       source: str = "checkpoint") -> None:
+    """Raise ``ConfigError`` if ``state_dict`` is not from ``model``'s architecture.
+
+    Position tables may differ in length (they are resized); every other tensor must
+    exist on both sides with the same shape.
+    """
+    own = model.state_dict()
+    resized = {"visual.positional_embedding", "positional_embedding"}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state_dict))
+              if k not in resized and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"shape {shapes[:3]}" if shapes else ""]))
+        raise ConfigError(f"{source}: weights are from another architecture than the model "
+                          f"being built ({detail}); expected the same preset")
+
+
+def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``state_dict`` (any image size / text length) into ``model``.
 
-    Strict: a missing or unexpected key (another preset) raises ``RuntimeError``.
+    Raises:
+        ConfigError: a missing / unexpected key or a shape that differs (another preset),
+            naming ``source``.
     """
+    check_architecture(state_dict, model, source)
     model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
 
 
@@ -106,19 +153,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def get_tokenizer(preset: str | Preset, text_len: int):
-    """The preset's tokenizer, truncating to ``text_len`` tokens.
+def get_tokenizer(preset: str | Preset, text_len: int, reduction: str = "truncate",
+                  seed: int = 0, vocab_path: str | None = None):
+    """The preset's tokenizer, fitting captions into ``text_len`` tokens.
+
+    Args:
+        preset: name or ``Preset`` (its ``tokenizer``: "openai-bpe" or "bert-base-uncased").
+        text_len: tokens per caption, start/end included.
+        reduction: "truncate" (evaluation), or a training reduction: "random", "block",
+            "syntax" (token_reduction.py).
+        seed: seeds random / block reductions.
+        vocab_path: BERT vocab.txt (default: ``tokenizer.find_bert_vocab``).
 
     Returns:
-        callable(list[str]) -> LongTensor (N, text_len).
+        callable(list[str]) -> LongTensor (N, text_len), identical to open_clip's tokenizer
+        for the same vocabulary when ``reduction="truncate"``.
     """
-    import open_clip
+    from clipa_model.tokenizer import CaptionTokenizer
 
     p = get_preset(preset) if isinstance(preset, str) else preset
-    if p.tokenizer == "openai-bpe":
-        return open_clip.SimpleTokenizer(context_length=text_len)
-    # CLIPA's BERT WordPiece tokenizer; needs the vocab locally (HF cache) on this machine.
-    return open_clip.HFTokenizer(p.tokenizer, context_length=text_len, strip_sep_token=True)
+    return CaptionTokenizer(p.tokenizer, text_len, reduction, seed, vocab_path)
 
 
 def flops_per_sample(preset: str | Preset, image_size: int, text_len: int,

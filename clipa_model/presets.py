@@ -8,6 +8,11 @@ open_clip's bundled BPE tokenizer (no download) and patch 14, so 84, 224 and 336
 tile exactly (6x6, 16x16, 24x24 patches).
 
 A /16 preset needs image sizes that are multiples of 16 (CLIPA v1 pretrained B/16 at 112).
+
+Parameter counts of L/14, H/14 and bigG/14 equal open_clip's ``ViT-*-14-CLIPA`` configs
+(``open_clip_name``); the only difference is the image position table, which open_clip
+learns (257 x width at 224 px) and CLIPA-v2 fixes to 2D sin-cos (same shape, not trained).
+tests/test_model.py checks both statements.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class Preset:
         vocab_size: rows of the token embedding.
         tokenizer: "openai-bpe" (open_clip's bundled vocab) or "bert-base-uncased".
         text_pool: text pooling, "last" (CLIPA) or "argmax" (CLIP's end token).
+        open_clip_name: the matching open_clip model config, if any (for comparison).
     """
 
     embed_dim: int
@@ -44,6 +50,7 @@ class Preset:
     vocab_size: int = 32_000
     tokenizer: str = "bert-base-uncased"
     text_pool: str = "last"
+    open_clip_name: str = ""
 
 
 _BPE = dict(vocab_size=49_408, tokenizer="openai-bpe")
@@ -55,9 +62,14 @@ PRESETS: dict[str, Preset] = {
     # The paper's sizes (CLIPA_REFERENCE.md, architecture table).
     "S/16": Preset(384, 16, 384, 12, 6, 384, 12, 6),
     "B/16": Preset(512, 16, 768, 12, 12, 512, 12, 8),
-    "L/14": Preset(768, 14, 1024, 24, 16, 768, 12, 12),
-    "H/14": Preset(1024, 14, 1280, 32, 16, 1024, 24, 16),
-    "bigG/14": Preset(1280, 14, 1664, 48, 16, 1280, 32, 20, vision_mlp_ratio=8192 / 1664),
+    "L/14": Preset(768, 14, 1024, 24, 16, 768, 12, 12, open_clip_name="ViT-L-14-CLIPA"),
+    "H/14": Preset(1024, 14, 1280, 32, 16, 1024, 24, 16, open_clip_name="ViT-H-14-CLIPA"),
+    # MLP 8192 wide: int(1664 * 8192 / 1664) == 8192, like open_clip's mlp_ratio 4.9231.
+    "bigG/14": Preset(1280, 14, 1664, 48, 16, 1280, 32, 20, vision_mlp_ratio=8192 / 1664,
+                      open_clip_name="ViT-bigG-14-CLIPA"),
+    # The tiny model with CLIPA-v2's BERT tokenizer (32,000-row embedding, vocab.txt needed).
+    "tiny-bert": Preset(embed_dim=128, patch_size=14, vision_width=128, vision_layers=4,
+                        vision_heads=2, text_width=128, text_layers=2, text_heads=2),
 }
 
 # Preprocessing stored with every checkpoint (model_config.json).

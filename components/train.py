@@ -4,13 +4,13 @@ The work is ``run_train_stage``, a plain function (tests and the CLI call it dir
 the two KFP components only turn their artifacts and parameters into a call to it.
 
     python -m components.train DATA_DIR OUT_DIR --stage pretrain [--init INIT_DIR]
+    torchrun --nproc_per_node 8 -m components.train DATA OUT --recipe paper_h14 --set device=cuda
 
 No ``from __future__ import annotations`` here: KFP reads the artifact annotations as objects.
 """
 import argparse
 import json
 import logging
-import time
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -20,69 +20,30 @@ from components.base import TRAIN_IMAGE, clipa_component
 log = logging.getLogger("clipa.train")
 
 
-def _init_model(stage: StageConfig, preset: str | None, init_model_dir: str | None):
-    """A fresh model (seeded) or the init checkpoint rebuilt at this stage's sizes."""
-    import torch
-
-    from clipa_model.checkpoint import load_model, read_model_config
-    from clipa_model.model import build_model
-    from clipa_model.presets import get_preset
-
-    if init_model_dir is None:
-        preset = preset or "tiny"
-        stage.validate(get_preset(preset).patch_size)
-        torch.manual_seed(stage.seed)
-        return build_model(preset, stage.image_size, stage.text_len, stage.mask_ratio), preset
-    init_preset = read_model_config(init_model_dir)["preset"]
-    if preset is not None and preset != init_preset:
-        raise ConfigError(f"preset={preset!r} differs from the init model's "
-                          f"{init_preset!r} ({init_model_dir}); leave preset unset to finetune")
-    stage.validate(get_preset(init_preset).patch_size)
-    model, _ = load_model(init_model_dir, stage.image_size, stage.text_len, stage.mask_ratio)
-    return model, init_preset
-
-
 def run_train_stage(data_dir: str, output_dir: str, stage: StageConfig,
-                    preset: str | None = None, init_model_dir: str | None = None) -> dict:
+                    preset: str | None = None, init_model_dir: str | None = None,
+                    checkpoint_dir: str | None = None) -> dict:
     """Train one stage on a ``filtered_shards`` artifact and write a ``model`` artifact.
+
+    Runs alone or as one process of a torchrun / Vertex AI job (the rank layout comes from
+    the environment), and resumes from the newest checkpoint in ``checkpoint_dir``.
 
     Args:
         data_dir: filtered_shards folder (shard-NNNNN.tar, manifest.json, marker).
         output_dir: Model artifact folder to create.
-        stage: sizes, samples, batch size, optimizer settings.
+        stage: sizes, samples, batch size, optimizer and device settings.
         preset: model preset for a fresh model ("tiny" when unset); with
             ``init_model_dir`` the checkpoint's preset is used (a different one is an error).
         init_model_dir: Model artifact to start from (finetuning), rebuilt at the stage's
             image size and text length.
+        checkpoint_dir: resumable checkpoints, local or gs:// (default OUTPUT/checkpoints).
 
     Returns:
-        The model marker plus "samples_per_s" and "data_count".
+        The model marker plus "samples_per_s", "data_count" and "resumed_from".
     """
-    import torch
+    from clipa_model.trainer import train_stage
 
-    from clipa_model.checkpoint import save_model_artifact
-    from clipa_model.data import list_train_shards, train_batches
-    from clipa_model.model import flops_per_sample, get_tokenizer
-    from clipa_model.presets import IMAGE_MEAN, IMAGE_STD
-    from clipa_model.train import set_threads, summarize, train_loop
-
-    _, data_count = list_train_shards(data_dir)  # fails early on a bad / empty artifact
-    set_threads(stage)
-    model, preset = _init_model(stage, preset, init_model_dir)
-    torch.manual_seed(stage.seed)  # patch masks
-    tokenizer = get_tokenizer(preset, stage.text_len)
-    batches = train_batches(data_dir, stage.image_size, stage.batch_size, stage.steps, tokenizer,
-                            stage.crop_scale, stage.seed, stage.num_workers)
-    flops = flops_per_sample(preset, stage.image_size, stage.text_len, stage.mask_ratio)
-    log.info("%s: %s at %d px, %d tokens, mask %.2f; %d samples in %d steps of %d "
-             "(%.2f epochs of %d); %.2f GFLOP/sample", stage.stage, preset, stage.image_size,
-             stage.text_len, stage.mask_ratio, stage.samples, stage.steps, stage.batch_size,
-             stage.steps * stage.batch_size / data_count, data_count, flops / 1e9)
-    t0 = time.perf_counter()
-    history = train_loop(model, batches, stage, IMAGE_MEAN, IMAGE_STD, flops)
-    summary = summarize(history, time.perf_counter() - t0)
-    marker = save_model_artifact(output_dir, model, preset, stage, history, summary)
-    return {**marker, "samples_per_s": summary["samples_per_s"], "data_count": data_count}
+    return train_stage(data_dir, output_dir, stage, preset, init_model_dir, checkpoint_dir)
 
 
 def _log_metrics(metrics, result: dict) -> None:
@@ -131,7 +92,8 @@ def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: run one stage of a recipe on local / gs:// folders."""
+    """Command line: run one stage of a recipe on local / gs:// folders (also under torchrun)."""
+    from clipa_model.distributed import resolve_dist_env
     from clipa_model.recipes import RECIPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,11 +103,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe", default="demo", choices=sorted(RECIPES))
     ap.add_argument("--init", default=None, help="Model artifact to finetune")
     ap.add_argument("--preset", default=None)
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="resumable checkpoints, local or gs:// (default OUTPUT/checkpoints)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a StageConfig field, e.g. --set device=cuda (repeatable)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rank = resolve_dist_env().rank
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s")
     stage = RECIPES[args.recipe].stages[args.stage]
-    print(json.dumps(run_train_stage(args.data_dir, args.output_dir, stage, args.preset,
-                                     args.init), indent=2, default=str))
+    stage = stage.replace(**_parse_overrides(stage, args.set))
+    result = run_train_stage(args.data_dir, args.output_dir, stage, args.preset, args.init,
+                             args.checkpoint_dir)
+    if rank == 0:
+        print(json.dumps(result, indent=2, default=str))
+
+
+def _parse_overrides(stage: StageConfig, items: list[str]) -> dict:
+    """FIELD=VALUE strings -> typed StageConfig changes (JSON values, or plain strings)."""
+    fields = stage.to_dict()
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The CLIPA model: presets, moving a checkpoint between stages, masking, decay groups."""
+import open_clip
 import pytest
 import torch
 from open_clip.pos_embed import get_2d_sincos_pos_embed
@@ -7,15 +8,18 @@ from clipa_model.config import ConfigError, StageConfig
 from clipa_model.model import (adapt_state_dict, build_model, flops_per_sample, get_tokenizer,
                                load_weights, param_groups)
 from clipa_model.presets import PRESETS, get_preset
-from clipa_model.recipes import RECIPES
+from clipa_model.recipes import PLAN_RECIPES, RECIPES
 
 
 def test_every_preset_and_recipe_name_resolves():
     for name in PRESETS:
         assert get_preset(name) is PRESETS[name]
-    for recipe in RECIPES.values():
+    for recipe in RECIPES.values():  # what the pipeline runs
         get_preset(recipe.preset)
         assert list(recipe) == ["pretrain", "finetune_224", "finetune_336"]
+    for recipe in PLAN_RECIPES.values():
+        for stage in recipe.stages.values():
+            stage.validate(get_preset(recipe.preset).patch_size)
     with pytest.raises(ConfigError, match="preset='X/99'"):
         get_preset("X/99")
 
@@ -123,3 +127,46 @@ def test_flops_follow_the_token_counts():
     f224_masked = flops_per_sample("tiny", 224, 32, mask_ratio=0.3)
     assert f84 < f224_masked < f224
     assert flops_per_sample("tiny", 84, 8, train=False) == pytest.approx(f84 / 3)
+
+
+def _meta_counts(model) -> tuple[int, int]:
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+@pytest.mark.parametrize("name", ["L/14", "H/14", "bigG/14"])
+def test_parameter_counts_match_open_clips_clipa_configs(name):
+    """Same tensors as open_clip's ViT-*-14-CLIPA; the one difference is the image position
+    table: open_clip learns it (257 x width at 224 px), CLIPA-v2 fixes it to sin-cos."""
+    preset = PRESETS[name]
+    with torch.device("meta"):  # shapes only: bigG has 2.5 B parameters
+        ours = build_model(name, 224, 32)
+        theirs = open_clip.create_model(preset.open_clip_name, pretrained=None, device="meta")
+    (ours_all, ours_trained), (theirs_all, theirs_trained) = _meta_counts(ours), _meta_counts(theirs)
+    table = 257 * preset.vision_width
+    assert ours_all == theirs_all
+    assert theirs_trained - ours_trained == table
+    assert theirs.visual.positional_embedding.requires_grad
+    assert not ours.visual.positional_embedding.requires_grad
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_text_tower_is_bidirectional_and_pooled_at_the_last_position():
+    model = build_model("tiny", 84, 8).eval()
+    assert model.attn_mask is None  # no causal mask
+    tokens = get_tokenizer("tiny", 8)(["a red circle"])
+    with torch.no_grad():
+        base = model.encode_text(tokens)
+        changed = tokens.clone()
+        changed[0, -1] = 42  # the pooled (last) position sees every token and vice versa
+        assert not torch.allclose(model.encode_text(changed), base)
+    assert get_preset("H/14").tokenizer == "bert-base-uncased"
+
+
+def test_checkpoint_of_another_architecture_is_refused_naming_it():
+    small = build_model("tiny", 84, 8)
+    other = build_model(get_preset("tiny").__class__(**{**get_preset("tiny").__dict__,
+                                                         "vision_width": 64}), 84, 8)
+    with pytest.raises(ConfigError, match="another architecture.*visual"):
+        load_weights(small, other.state_dict(), source="init.pt")
