@@ -1,19 +1,21 @@
-"""Evaluation step: zero-shot top-1 / top-5 of a Model artifact on a labelled eval set.
+"""Evaluation step: a model on zero-shot classification and image-text retrieval benchmarks.
 
-The work is ``run_evaluate`` (a plain function); the KFP component ``evaluate`` only maps
-its artifacts onto it and logs the headline numbers as metrics.
+The work is ``run_evaluate`` (one model, one labelled set: what the training pipeline runs
+after each stage) and ``run_benchmarks`` (one model, several benchmarks: what the eval-only
+pipeline runs), plain functions; the KFP component ``evaluate`` only maps its artifacts
+onto ``run_evaluate`` and logs the headline numbers as metrics.
 
-    python -m components.evaluate MODEL_DIR EVAL_DIR OUT_DIR
+    python -m components.evaluate MODEL EVAL_SET OUT_DIR [--classes FILE]
+    python -m components.evaluate MODEL --benchmark imagenet=zeroshot:gs://b/val OUT_DIR
 
-No ``from __future__ import annotations`` here: KFP reads the artifact annotations as objects.
+MODEL is a Model artifact folder, an exported folder or open_clip:NAME:FILE
+(clipa_model/eval_models.py). No ``from __future__ import annotations`` here: KFP reads
+the artifact annotations as objects.
 """
 import argparse
-import base64
-import html
 import json
 import logging
-import math
-import time
+import os
 
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
@@ -22,93 +24,122 @@ from components.base import TRAIN_IMAGE, clipa_component
 log = logging.getLogger("clipa.evaluate")
 
 
-def _img_tag(png: bytes, alt: str) -> str:
-    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def auto_workers(num_workers: int) -> int:
+    """-1 -> decoding processes for this machine (cores - 1, at most 8); else as given."""
+    if num_workers >= 0:
+        return num_workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def render_report(result: dict, marker: dict, curve_png: bytes | None,
-                  per_class_png: bytes) -> str:
-    """The evaluation as a self-contained HTML page (images inlined).
-
-    Args:
-        result: from ``zero_shot_evaluate`` (top1, top5, per_class_top1, classnames, ...).
-        marker: the evaluated model's marker (stage, preset, sizes, samples seen).
-        curve_png: the model's training curve, if it has one; per_class_png: bar chart.
-
-    Returns:
-        HTML text.
-    """
-    rows = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{'-' if math.isnan(a) else f'{a:.1%}'}</td></tr>"
-        for c, a in zip(result["classnames"], result["per_class_top1"]))
-    model_desc = ", ".join(f"{k}={marker.get(k)}" for k in
-                           ("stage", "preset", "image_size", "text_len", "samples_seen"))
-    curve = (f"<h2>Training curve</h2>{_img_tag(curve_png, 'training curve')}"
-             if curve_png else "<p>(no training curve in the model artifact)</p>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>zero-shot evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:left}}</style>
-</head><body>
-<h1>Zero-shot evaluation</h1>
-<p>Model: {html.escape(model_desc)}</p>
-<table><tr><th>top-1</th><td>{result['top1']:.1%}</td></tr>
-<tr><th>top-5</th><td>{result['top5']:.1%}</td></tr>
-<tr><th>images</th><td>{result['count']}</td></tr>
-<tr><th>colour-only baseline top-1</th><td>{result['colour_baseline_top1']:.1%}
- (mean RGB, nearest centroid, 2-fold; chance {1 / len(result['classnames']):.1%})</td></tr></table>
-<h2>Per class</h2>
-<table><tr><th>class</th><th>top-1</th></tr>{rows}</table>
-{_img_tag(per_class_png, 'per-class accuracy')}
-{curve}
-</body></html>"""
-
-
-def run_evaluate(model_dir: str, eval_dir: str, output_dir: str, batch_size: int = 100) -> dict:
-    """Zero-shot evaluation of a Model artifact; writes an ``evaluation`` artifact.
-
-    The model is run at its own image size, text length and normalisation
-    (model_config.json).
-
-    Args:
-        model_dir: Model artifact folder.
-        eval_dir: eval_set artifact folder.
-        output_dir: folder to create: metrics.json, report.html, marker (last).
-        batch_size: images per forward pass.
-
-    Returns:
-        The metrics: top1, top5, count, colour_baseline_top1, per_class_top1,
-        classnames, seconds, model (the model's marker).
-    """
+def _curve_png(model_ref: str) -> bytes | None:
     import fsspec
 
-    from clipa_model.artifacts import join, read_marker, write_json_atomic, write_marker
-    from clipa_model.checkpoint import load_model
-    from clipa_model.plots import plot_per_class
-    from clipa_model.zeroshot import zero_shot_evaluate
+    from clipa_model.artifacts import has_marker, join
 
-    t0 = time.perf_counter()
-    marker = read_marker(model_dir, "model")
-    model, cfg = load_model(model_dir)
-    result = zero_shot_evaluate(model, cfg, eval_dir, batch_size)
-    result.update(seconds=time.perf_counter() - t0, model=marker)
-    log.info("%s: top1 %.3f top5 %.3f colour baseline %.3f (%d images, %.1f s)",
-             marker.get("stage"), result["top1"], result["top5"],
-             result["colour_baseline_top1"], result["count"], result["seconds"])
+    if not has_marker(model_ref, "model"):
+        return None
     try:
-        with fsspec.open(join(model_dir, "curve.png"), "rb") as f:
-            curve = f.read()
+        with fsspec.open(join(model_ref, "curve.png"), "rb") as f:
+            return f.read()
     except FileNotFoundError:
-        curve = None
-    per_class = plot_per_class(result["classnames"], result["per_class_top1"],
-                               f"{marker.get('stage')} at {cfg['image_size']} px")
+        return None
+
+
+def _model_facts(em) -> dict:
+    return {"name": em.name, "ref": em.ref, "source": em.source, "info": em.info}
+
+
+def _write_evaluation(output_dir: str, model: dict, results: list[dict], curve: bytes | None,
+                      **marker) -> None:
+    """results.json, metrics.json (first result), report.html; the marker last."""
+    import fsspec
+
+    from clipa_model.artifacts import join, write_json_atomic, write_marker
+    from clipa_model.eval_report import render_evaluation
+
     fs, _ = fsspec.core.url_to_fs(output_dir)
     fs.makedirs(output_dir, exist_ok=True)
-    write_json_atomic(join(output_dir, "metrics.json"), result)
+    write_json_atomic(join(output_dir, "results.json"), {"model": model, "results": results})
+    write_json_atomic(join(output_dir, "metrics.json"), {**results[0], "model": model})
     with fsspec.open(join(output_dir, "report.html"), "w") as f:
-        f.write(render_report(result, marker, curve, per_class))
-    write_marker(output_dir, "evaluation", top1=result["top1"], top5=result["top5"],
-                 count=result["count"], colour_baseline_top1=result["colour_baseline_top1"],
-                 seconds=round(result["seconds"], 3))
-    return result
+        f.write(render_evaluation(model, results, curve))
+    write_marker(output_dir, "evaluation", model=model["name"], **marker)
+
+
+def run_benchmarks(model: str, benchmarks: list, output_dir: str, batch_size: int = 256,
+                   device: str = "auto", num_workers: int = -1) -> dict:
+    """Evaluate one model on several benchmarks; writes an ``evaluation`` artifact.
+
+    Every benchmark is parsed and every dataset layout resolved before the model runs, and
+    nothing is written before every benchmark has finished.
+
+    Args:
+        model: model reference (eval_models.py); benchmarks: specs (benchmarks.py).
+        output_dir: folder to create: results.json, metrics.json, report.html, marker.
+        batch_size: images per forward pass; device: "auto", "cpu", "cuda".
+        num_workers: decoding processes (-1: cores - 1, at most 8).
+
+    Returns:
+        {"model": {name, ref, source, info}, "results": [one dict per benchmark]}.
+    """
+    from clipa_model.benchmarks import parse_benchmark, run_benchmark
+    from clipa_model.eval_data import open_classification_set, open_pair_set
+    from clipa_model.eval_models import load_eval_model
+
+    parsed = [parse_benchmark(b) for b in benchmarks]
+    if not parsed:
+        raise ValueError("benchmarks: expected at least one benchmark")
+    for b in parsed:  # layouts and class lists checked before the model loads
+        if b.task == "zeroshot":
+            open_classification_set(b.path, b.classes)
+        else:
+            open_pair_set(b.path)
+    em = load_eval_model(model)
+    results = []
+    for b in parsed:
+        r = run_benchmark(em, b, batch_size, device, auto_workers(num_workers))
+        log.info("%s on %s: %s", em.name, b.name, {k: round(v, 4) for k, v in r.items()
+                                                   if isinstance(v, float) and k != "seconds"})
+        results.append(r)
+    facts = _model_facts(em)
+    _write_evaluation(output_dir, facts, results, _curve_png(em.ref),
+                      benchmarks=[r["benchmark"] for r in results])
+    return {"model": facts, "results": results}
+
+
+def run_evaluate(model: str, eval_dir: str, output_dir: str, batch_size: int = 100,
+                 classes: str | None = None, device: str = "auto", num_workers: int = -1) -> dict:
+    """Zero-shot evaluation of one model on one labelled set; writes an ``evaluation`` artifact.
+
+    The model runs at its own image size, normalisation, interpolation and resize mode.
+
+    Args:
+        model: Model artifact folder, exported folder or open_clip:NAME:FILE.
+        eval_dir: eval_set artifact, webdataset shards or ImageFolder tree.
+        output_dir: folder to create (results.json, metrics.json, report.html, marker).
+        classes: class names / templates (default: the set's own, else ImageNet's).
+
+    Returns:
+        top1, top5, count, num_classes, colour_baseline_top1, per_class_top1, classnames,
+        seconds, model (name, ref, source, info).
+    """
+    from clipa_model.benchmarks import Benchmark, run_benchmark
+    from clipa_model.eval_data import open_classification_set
+    from clipa_model.eval_models import load_eval_model
+
+    open_classification_set(eval_dir, classes)  # a bad set fails before the model loads
+    em = load_eval_model(model)
+    bench = Benchmark(os.path.basename(eval_dir.rstrip("/")) or "eval_set", "zeroshot", eval_dir, classes)
+    result = run_benchmark(em, bench, batch_size, device, auto_workers(num_workers))
+    log.info("%s: top1 %.3f top5 %.3f colour baseline %.3f (%d images, %.1f s)", em.name,
+             result["top1"], result["top5"], result["colour_baseline_top1"], result["count"],
+             result["seconds"])
+    facts = _model_facts(em)
+    _write_evaluation(output_dir, facts, [result], _curve_png(em.ref), top1=result["top1"],
+                      top5=result["top5"], count=result["count"],
+                      colour_baseline_top1=result["colour_baseline_top1"],
+                      seconds=result["seconds"], num_classes=result["num_classes"])
+    return {**result, "model": facts}
 
 
 @clipa_component(TRAIN_IMAGE)
@@ -128,24 +159,39 @@ def evaluate(model: Input[Model], eval_set: Input[Dataset], metrics: Output[Metr
 
     out_dir = tempfile.mkdtemp(prefix="clipa-eval-")
     result = run_evaluate(model.path, eval_set.path, out_dir)
-    for key in ("top1", "top5", "colour_baseline_top1", "count", "seconds"):
+    for key in ("top1", "top5", "colour_baseline_top1", "count", "seconds", "num_classes"):
         metrics.log_metric(key, float(result[key]))
-    metrics.log_metric("num_classes", float(len(result["classnames"])))
     os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
     shutil.copyfile(os.path.join(out_dir, "report.html"), report.path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: evaluate one model folder on one eval-set folder."""
+    """Command line: one model on one labelled set, or on --benchmark specs."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("eval_dir")
-    ap.add_argument("output_dir")
+    ap.add_argument("model", help="Model artifact folder, exported folder or open_clip:NAME:FILE")
+    ap.add_argument("paths", nargs="+", metavar="[EVAL_SET] OUT_DIR")
+    ap.add_argument("--benchmark", action="append", default=[],
+                    help="[NAME=]zeroshot|retrieval:PATH (repeatable; replaces EVAL_SET)")
+    ap.add_argument("--classes", default=None, help="class names / templates JSON, or 'imagenet'")
     ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--num-workers", type=int, default=-1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run_evaluate(args.model_dir, args.eval_dir, args.output_dir, args.batch_size)
-    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2))
+    if args.benchmark:
+        if len(args.paths) != 1:
+            ap.error("with --benchmark give only OUT_DIR")
+        out = run_benchmarks(args.model, args.benchmark, args.paths[0], args.batch_size,
+                             args.device, args.num_workers)
+        summary = [{k: v for k, v in r.items() if k not in ("per_class_top1", "classnames")}
+                   for r in out["results"]]
+    else:
+        if len(args.paths) != 2:
+            ap.error("expected EVAL_SET OUT_DIR")
+        r = run_evaluate(args.model, args.paths[0], args.paths[1], args.batch_size, args.classes,
+                         args.device, args.num_workers)
+        summary = {k: v for k, v in r.items() if k not in ("per_class_top1", "classnames")}
+    print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

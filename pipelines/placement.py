@@ -1,0 +1,197 @@
+"""Compile-time placement of pipeline steps: which machine, accelerators and image each runs on.
+
+The pipeline functions call their steps through ``PlacedStep`` wrappers. Compiled as they
+are (``pipeline.yaml``, ``clipa run``), every step is its plain component. Compiled under a
+``Placement`` (``build_pipeline``), a step becomes
+
+- a Vertex AI custom job (google-cloud-pipeline-components'
+  ``create_custom_training_job_from_component``) when its ``Machine`` names a machine type:
+  machine type, accelerator type / count, replica count, TPU topology, boot disk, env; or
+- the same component with kfp task settings (CPU / memory limits, accelerator type and
+  count), from which Vertex picks a machine; or
+- untouched,
+
+and each step's container image is the placement's data or train image (images are
+compile-time parameters). Presets: ``PLACEMENTS``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from components.base import DATA_IMAGE, TRAIN_IMAGE
+
+# Steps that run on the data image (img2dataset + Beam); the others use the train image.
+DATA_STEPS = frozenset({"download", "filter_shard", "summarize", "record_history"})
+STEPS = ("download", "filter_shard", "pretrain", "finetune", "evaluate", "summarize",
+         "benchmark", "record_history")
+TRAIN_STEPS = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where one step runs on Vertex AI.
+
+    Attributes:
+        machine_type: e.g. "a3-highgpu-8g"; set -> the step runs as a Vertex custom job.
+            Empty -> kfp task settings only (Vertex chooses a machine that fits them).
+        accelerator_type: e.g. "NVIDIA_H100_80GB", "NVIDIA_A100_80GB", "NVIDIA_L4".
+        accelerator_count: accelerators per replica.
+        replica_count: machines (custom jobs; 1 master + N-1 workers).
+        tpu_topology: e.g. "2x4" for a TPU v5e slice (custom jobs).
+        cpu_limit, memory_limit: kfp task settings, e.g. "8", "32G".
+        boot_disk_size_gb: custom jobs' boot disk.
+        env: extra environment variables of a custom job, as (name, value) pairs.
+    """
+    machine_type: str = ""
+    accelerator_type: str = ""
+    accelerator_count: int = 0
+    replica_count: int = 1
+    tpu_topology: str = ""
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    boot_disk_size_gb: int = 100
+    env: tuple = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Machines (by step name) and images for one compilation of a pipeline."""
+    name: str = "local"
+    machines: Mapping[str, Machine] = field(default_factory=dict)
+    data_image: str = DATA_IMAGE
+    train_image: str = TRAIN_IMAGE
+
+    def image_for(self, step: str) -> str:
+        return self.data_image if step in DATA_STEPS else self.train_image
+
+    def with_training(self, **changes) -> "Placement":
+        """A copy whose pretrain and finetune machines have ``changes`` applied."""
+        machines = dict(self.machines)
+        for step in TRAIN_STEPS:
+            machines[step] = replace(machines.get(step, Machine()), **changes)
+        return replace(self, machines=machines)
+
+
+_CPU_DATA = Machine(cpu_limit="8", memory_limit="32G")
+_GPU_EVAL = Machine(machine_type="g2-standard-8", accelerator_type="NVIDIA_L4", accelerator_count=1)
+
+
+def _gpu(machine_type: str, accelerator: str) -> Placement:
+    train = Machine(machine_type=machine_type, accelerator_type=accelerator, accelerator_count=8,
+                    boot_disk_size_gb=500)
+    return Placement(machine_type, {"download": _CPU_DATA, "filter_shard": _CPU_DATA,
+                                    "pretrain": train, "finetune": train,
+                                    "evaluate": _GPU_EVAL, "benchmark": _GPU_EVAL})
+
+
+PLACEMENTS: dict[str, Placement] = {
+    "local": Placement(),
+    "vertex-cpu": Placement("vertex-cpu", {s: _CPU_DATA for s in STEPS}),
+    "a3-highgpu-8g": _gpu("a3-highgpu-8g", "NVIDIA_H100_80GB"),
+    "a2-ultragpu-8g": _gpu("a2-ultragpu-8g", "NVIDIA_A100_80GB"),
+    "tpu-v5e-8": Placement(
+        "tpu-v5e-8",
+        {"download": _CPU_DATA, "filter_shard": _CPU_DATA, "evaluate": _GPU_EVAL,
+         "benchmark": _GPU_EVAL,
+         **{s: Machine(machine_type="ct5lp-hightpu-8t", tpu_topology="2x4",
+                       env=(("PJRT_DEVICE", "TPU"),)) for s in TRAIN_STEPS}},
+        train_image=TRAIN_IMAGE.replace("clipa-train:", "clipa-train-tpu:")),
+}
+
+
+def get_placement(name: str) -> Placement:
+    """A preset by name; the error lists the known ones."""
+    try:
+        return PLACEMENTS[name]
+    except KeyError:
+        raise ValueError(f"placement {name!r}: unknown; expected one of {sorted(PLACEMENTS)}") from None
+
+
+_ACTIVE: contextvars.ContextVar[Placement] = contextvars.ContextVar("clipa_placement", default=PLACEMENTS["local"])
+
+
+@contextlib.contextmanager
+def placing(placement: Placement):
+    """Make ``placement`` the one that ``PlacedStep`` calls use while compiling."""
+    token = _ACTIVE.set(placement)
+    try:
+        yield placement
+    finally:
+        _ACTIVE.reset(token)
+
+
+def with_image(component, image: str):
+    """A copy of a container component that runs in ``image``."""
+    if component.component_spec.implementation.container.image == image:
+        return component
+    comp = copy.deepcopy(component)
+    comp.component_spec.implementation.container.image = image
+    return comp
+
+
+def as_custom_job(component, machine: Machine):
+    """``component`` as a Vertex AI custom job on ``machine`` (google-cloud-pipeline-components)."""
+    from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
+
+    job = create_custom_training_job_from_component(
+        component, machine_type=machine.machine_type, accelerator_type=machine.accelerator_type,
+        accelerator_count=machine.accelerator_count or 1, replica_count=machine.replica_count,
+        boot_disk_size_gb=machine.boot_disk_size_gb,
+        env=[{"name": k, "value": v} for k, v in machine.env] or None)
+    if machine.tpu_topology:  # GCPC has no argument for it; it is one field of the spec
+        specs = job.component_spec.inputs["worker_pool_specs"].default
+        for spec in specs:
+            spec["machine_spec"]["tpu_topology"] = machine.tpu_topology
+    return job
+
+
+def _task_settings(task, machine: Machine) -> None:
+    if machine.cpu_limit:
+        task.set_cpu_limit(machine.cpu_limit)
+    if machine.memory_limit:
+        task.set_memory_limit(machine.memory_limit)
+    if machine.accelerator_type:
+        task.set_accelerator_type(machine.accelerator_type)
+        task.set_accelerator_limit(machine.accelerator_count or 1)
+
+
+class PlacedStep:
+    """A pipeline step whose component and task settings follow the active placement.
+
+    Calling it is calling the component (same arguments, returns the task); attribute
+    access reaches the plain component (component_spec, python_func, ...).
+    """
+
+    def __init__(self, step: str, component):
+        if step not in STEPS:
+            raise ValueError(f"step {step!r}: unknown; expected one of {STEPS}")
+        self.step, self.component = step, component
+
+    def __call__(self, *args, **kwargs):
+        placement = _ACTIVE.get()
+        if placement.name == "local" and not placement.machines:
+            return self.component(*args, **kwargs)
+        comp = with_image(self.component, placement.image_for(self.step))
+        machine = placement.machines.get(self.step)
+        if machine is not None and machine.machine_type:
+            comp = as_custom_job(comp, machine)
+        task = comp(*args, **kwargs)
+        if machine is not None and not machine.machine_type:
+            _task_settings(task, machine)
+        return task
+
+    def __getattr__(self, name):
+        return getattr(self.component, name)
+
+
+def build_pipeline(pipeline, placement: Placement):
+    """Re-trace a ``@dsl.pipeline`` function with its steps placed by ``placement``."""
+    from kfp import dsl
+
+    with placing(placement):
+        return dsl.pipeline(name=pipeline.component_spec.name,
+                            description=pipeline.component_spec.description)(pipeline.pipeline_func)
