@@ -2,8 +2,9 @@
 
 ``DEMO`` trains the ``tiny`` preset on the synthetic shapes data (pipelines/demo_data.py)
 on a 2-core CPU in about 6 minutes of training; ``SMOKE`` is the same code path shrunk to
-run end to end in about a minute (accuracy irrelevant). The paper's schedule, for
-reference, is ``PAPER_H14`` (never run here).
+run end to end in about a minute (accuracy irrelevant). The paper's schedules (``PAPER_*``,
+never run here) are typed stage configs built by ``paper_stage``: peak LR = base x batch /
+256, warmup in steps; ``clipa plan RECIPE`` prices them.
 """
 from __future__ import annotations
 
@@ -24,12 +25,16 @@ class Recipe(Mapping):
         n_train: synthetic training images to generate.
         eval_per_class: held-out eval images per class.
         preset: model preset the stages were tuned for.
+        data: the training data the schedule was run on.
+        expected_top1: zero-shot ImageNet-1K top-1 the paper reports (None: not a paper run).
     """
 
     stages: dict[str, StageConfig] = field(default_factory=dict)
     n_train: int = 0
     eval_per_class: int = 0
     preset: str = "tiny"
+    data: str = "synthetic shapes (pipelines/demo_data.py)"
+    expected_top1: float | None = None
 
     def __getitem__(self, name: str) -> StageConfig:
         return self.stages[name]
@@ -65,25 +70,57 @@ SMOKE = Recipe(
     },
     n_train=256, eval_per_class=4)
 
-# CLIPA-v2 H/14 on LAION-2B (CLIPA_REFERENCE.md): peak LR = base x batch / 256.
-PAPER_H14 = Recipe(
-    stages={
-        "pretrain": StageConfig(stage="pretrain", image_size=84, text_len=8, mask_ratio=0.0,
-                                samples=12_800_000_000, batch_size=65_536,
-                                lr=8e-6 * 65_536 / 256, warmup_frac=3_200 / 195_313,
-                                crop_scale=(0.4, 1.0)),
-        "finetune_224": StageConfig(stage="finetune_224", image_size=224, text_len=32,
-                                    mask_ratio=0.3, samples=512_000_000, batch_size=32_768,
-                                    lr=4e-7 * 32_768 / 256, warmup_frac=800 / 15_625,
-                                    crop_scale=(0.4, 1.0)),
-        "finetune_336": StageConfig(stage="finetune_336", image_size=336, text_len=32,
-                                    mask_ratio=0.4, samples=128_000_000, batch_size=16_384,
-                                    lr=1e-7 * 16_384 / 256, warmup_frac=1_600 / 7_813,
-                                    crop_scale=(0.4, 1.0)),
-    },
-    preset="H/14")
+def paper_stage(stage: str, image_size: int, text_len: int, samples: int, batch_size: int,
+                base_lr: float, warmup_steps: int, mask_ratio: float = 0.0,
+                text_reduction: str = "truncate") -> StageConfig:
+    """A stage as the CLIPA papers state it: peak LR = ``base_lr`` x batch / 256, warmup in steps.
 
-RECIPES: dict[str, Recipe] = {"demo": DEMO, "smoke": SMOKE, "paper_h14": PAPER_H14}
+    Everything else is the CLIPA-v2 default: AdamW(0.9, 0.95), weight decay 0.2 on weight
+    matrices, cosine to 0, inception crop 40-100%, bf16, random patch masking.
+    """
+    steps = -(-samples // batch_size)
+    return StageConfig(stage=stage, image_size=image_size, text_len=text_len,
+                       mask_ratio=mask_ratio, samples=samples, batch_size=batch_size,
+                       lr=base_lr * batch_size / 256, warmup_frac=warmup_steps / steps,
+                       crop_scale=(0.4, 1.0), text_reduction=text_reduction,
+                       checkpoint_minutes=30.0, log_every=100)
+
+
+def paper_schedule(pretrain_px: int = 84, finetune_336: bool = True) -> dict[str, StageConfig]:
+    """CLIPA-v2's schedule: 12.8B@84 (8 tokens, syntax masking) + 512M@224 (30% masked) +
+    128M@336 (40% masked) (CLIPA_REFERENCE.md, recipe table)."""
+    stages = {
+        "pretrain": paper_stage("pretrain", pretrain_px, 8, 12_800_000_000, 65_536, 8e-6, 3_200,
+                                text_reduction="syntax"),
+        "finetune_224": paper_stage("finetune_224", 224, 32, 512_000_000, 32_768, 4e-7, 800,
+                                    mask_ratio=0.3),
+    }
+    if finetune_336:
+        stages["finetune_336"] = paper_stage("finetune_336", 336, 32, 128_000_000, 16_384,
+                                             1e-7, 1_600, mask_ratio=0.4)
+    return stages
+
+
+# The paper's runs (never run here; ``clipa plan RECIPE`` prices them). expected_top1 is the
+# zero-shot ImageNet-1K top-1 the paper reports for the finished schedule.
+PAPER_H14 = Recipe(stages=paper_schedule(), preset="H/14", data="LAION-2B", expected_top1=79.1)
+PAPER_H14_DATACOMP = Recipe(stages=paper_schedule(), preset="H/14", data="DataComp-1B",
+                            expected_top1=81.8)
+PAPER_H14_70PX = Recipe(stages=paper_schedule(pretrain_px=70, finetune_336=False), preset="H/14",
+                        data="DataComp-1B", expected_top1=81.1)
+PAPER_L14_DATACOMP = Recipe(stages=paper_schedule(), preset="L/14", data="DataComp-1B",
+                            expected_top1=80.3)
+PAPER_BIGG14_DATACOMP = Recipe(stages=paper_schedule(), preset="bigG/14", data="DataComp-1B",
+                               expected_top1=83.0)
+
+# Recipes the pipeline can run: pretrain, finetune_224, finetune_336.
+RECIPES: dict[str, Recipe] = {
+    "demo": DEMO, "smoke": SMOKE, "paper_h14": PAPER_H14,
+    "paper_h14_datacomp": PAPER_H14_DATACOMP, "paper_l14_datacomp": PAPER_L14_DATACOMP,
+    "paper_bigg14_datacomp": PAPER_BIGG14_DATACOMP,
+}
+# Everything ``clipa plan`` can price, including schedules with other stage lists.
+PLAN_RECIPES: dict[str, Recipe] = {**RECIPES, "paper_h14_70px": PAPER_H14_70PX}
 
 
 def finetune_stage(image_size: int, recipe: Recipe = DEMO, **overrides) -> StageConfig:

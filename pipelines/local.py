@@ -19,6 +19,9 @@ from clipa_model import recipes
 
 log = logging.getLogger("clipa")
 
+# The only private network the embedded demo's download may reach: its own server.
+DEMO_ALLOW_NETWORKS = "127.0.0.1/32"
+
 
 @dataclass
 class LocalRun:
@@ -97,6 +100,8 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         if url_list is None:
             url_list, eval_set, counts = _start_embedded_default(
                 stack, workdir, recipe, arguments.get("seed", 0))
+            # The demo server is on loopback, which the download refuses unless allowed.
+            arguments.setdefault("download_allow_networks", DEMO_ALLOW_NETWORKS)
         arguments.update(url_list=url_list, eval_set=eval_set)
         summary_path = run_pipeline_locally(os.path.join(workdir, "pipeline_root"), arguments)
     with open(summary_path) as f:

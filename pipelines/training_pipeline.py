@@ -12,7 +12,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset
 
 from clipa_model import recipes
-from components.download import download
+from components.download_pipeline import download
 from components.evaluate import evaluate
 from components.filter_shard import filter_shard
 from components.report import summarize
@@ -51,6 +51,8 @@ def clipa_training(
     download_image_size: int = 256,
     download_processes: int = 1,
     download_threads: int = 16,
+    download_parts: int = 1,
+    download_allow_networks: str = "",
     samples_per_shard: int = 256,
     min_image_side: int = 64,
     max_aspect_ratio: float = 3.0,
@@ -81,7 +83,10 @@ def clipa_training(
     Returns:
         The run summary (JSON); its HTML twin is the ``summarize`` task's report.
     """
-    dl = download(url_list=url_list, image_size=download_image_size,
+    # download_parts parallel tasks; download_allow_networks lifts the URL-safety refusal
+    # for given networks (the local demo passes its loopback server's 127.0.0.1/32).
+    dl = download(url_list=url_list, image_size=download_image_size, parts=download_parts,
+                  allow_networks=download_allow_networks,
                   processes=download_processes, threads=download_threads,
                   samples_per_shard=samples_per_shard)
     flt = filter_shard(shards=dl.outputs["shards"], samples_per_shard=samples_per_shard,

@@ -48,9 +48,25 @@ def test_captions_vary():
     rng = np.random.default_rng(0)
     captions = set()
     for _ in range(100):
-        _, attrs = render_image("star", 32, rng)
-        captions.add(make_caption("star", attrs, rng))
+        _, attrs = render_image("stars", 32, rng)
+        captions.add(make_caption("stars", attrs, rng))
     assert len(captions) > 50
+
+
+def test_images_do_not_depend_on_the_number_of_processes():
+    from pipelines.demo_data import _samples
+
+    one = list(_samples(80, seed=3, size=48, processes=1))
+    two = list(_samples(80, seed=3, size=48, processes=2))
+    assert one == two
+    assert len({jpeg for _, jpeg, _ in one}) == 80  # and every image differs
+
+
+def test_unknown_class_is_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="'hexagon'"):
+        render_image("hexagon", 32, np.random.default_rng(0))
 
 
 def _tar_members(path):
