@@ -4,6 +4,7 @@
     clipa run --recipe smoke        # the same, much smaller (about a minute of training)
     clipa run --url-list urls.parquet --eval-set eval_set/   # your own data
     clipa compile --output pipeline.yaml
+    clipa plan paper_h14 --accelerator a100 --utilization 0.4   # FLOPs, hours and cost
 """
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (what Vertex AI runs)")
     comp.add_argument("--output", default="pipeline.yaml", help="where to write it (default: pipeline.yaml)")
+
+    from pipelines.plan_cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -88,6 +93,16 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from pipelines.plan_cli import run_plan
+
+    return run_plan(args)
+
+
+# Subcommand -> handler; each takes the parsed arguments and returns the exit status.
+COMMANDS = {"run": cmd_run, "compile": cmd_compile, "plan": cmd_plan}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.download import UrlListError
 
     try:
-        return {"run": cmd_run, "compile": cmd_compile}[args.command](args)
+        return COMMANDS[args.command](args)
     except (UrlListError, ValueError) as e:
         print(f"clipa: error: {e}", file=sys.stderr)
         return 2
