@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     args = ap.parse_args()
+    print(f"load average before: {os.getloadavg()}", flush=True)
     rate, flops = {}, {}
     for size in (84, 224):
         rate[size] = samples_per_s(args.preset, size, args.text_len, args.batch, args.steps,
@@ -61,6 +62,7 @@ def main() -> None:
     print(f"{args.preset}, batch {args.batch}, {args.precision}, {torch.get_num_threads()} thread(s)")
     print(f"speed-up 84 vs 224 px: {speedup:.2f}x; FLOP ratio: {flop_ratio:.2f}x; "
           f"speed-up / FLOP ratio: {speedup / flop_ratio:.0%} (target >= 80%)")
+    print(f"load average after: {os.getloadavg()} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

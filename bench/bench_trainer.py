@@ -95,6 +95,7 @@ def main() -> None:
         rate = run_ours(args) if args.role == "ours" else run_open_clip(args)
         print(json.dumps({"samples_per_s": rate}))
         return
+    print(f"load average before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as root:
         data, count = make_shards(root, args.images)
         rates = {}
@@ -110,6 +111,8 @@ def main() -> None:
     print(f"open_clip_train: {rates['open_clip']:8.1f} samples/s")
     print(f"ours:            {rates['ours']:8.1f} samples/s")
     print(f"ratio ours / open_clip_train: {rates['ours'] / rates['open_clip']:.2f}x (target >= 1.0)")
+    print(f"load average after: {os.getloadavg()} on {os.cpu_count()} cores (a shared CPU skews "
+          "both sides; they run one after the other)")
 
 
 if __name__ == "__main__":
