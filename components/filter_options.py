@@ -1,8 +1,12 @@
 """Runner settings and the command line of ``filter_shard``.
 
 Local (default): Beam's FnApiRunner in the calling process, offline. Google Cloud:
-``dataflow_options(...)`` gives the DataflowRunner options; the workers need this package
-(a container image with it installed, or a wheel of it). From the command line::
+``dataflow_options(...)`` gives the DataflowRunner options; the workers need this package,
+shipped one of three ways: a worker container image with it installed (the pipeline's
+data image: nothing is built or uploaded at submit time), a wheel of it
+(``extra_packages``), or ``setup_file`` naming this project's ``pyproject.toml`` (Beam
+builds an sdist with ``python -m build`` and the workers pip-install it). See
+docs/DATA.md. From the command line::
 
     python -m components.filter_shard --input gs://b/shards --output gs://b/filtered \\
         --runner DataflowRunner --project P --region us-central1 \\
@@ -13,24 +17,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
 
 def dataflow_options(project: str, region: str, temp_location: str, *,
                      machine_type: str = "", max_num_workers: int = 0,
                      sdk_container_image: str = "", extra_packages: tuple = (),
-                     **more) -> dict:
+                     setup_file: str = "", **more) -> dict:
     """Beam pipeline options that run ``filter_shard`` on Google Cloud Dataflow.
 
-    The workers need this package: either a worker container that has it installed
-    (``sdk_container_image``, e.g. the pipeline's data image) or a wheel of it
+    The workers need this package: a worker container that has it installed
+    (``sdk_container_image``, e.g. the pipeline's data image), a wheel of it
     (``extra_packages=["dist/clipa_pipeline-0.1.0-py3-none-any.whl"]``, built with
-    ``pip wheel --no-deps -w dist .``).
+    ``pip wheel --no-deps -w dist .``), or ``setup_file="pyproject.toml"`` (Beam builds
+    and stages an sdist of the project; the workers install it and its dependencies
+    from PyPI at start-up, which is slower than an image).
 
     Args:
         project, region: the Google Cloud project and Dataflow region.
         temp_location: a ``gs://`` folder for Dataflow's temporary and staging files.
         machine_type: worker machine type, e.g. ``"n2-standard-4"`` ("" = Dataflow's).
         max_num_workers: autoscaling ceiling (0 = Dataflow's default).
-        sdk_container_image, extra_packages: how the workers get this package.
+        sdk_container_image, extra_packages, setup_file: how the workers get this
+            package (at least one).
         more: any other Beam option, e.g. ``service_account_email``, ``network``.
 
     Returns:
@@ -45,9 +54,18 @@ def dataflow_options(project: str, region: str, temp_location: str, *,
     if not str(temp_location).startswith("gs://"):
         raise ValueError(f"temp_location={temp_location!r}; expected a gs:// folder for "
                          "Dataflow's temporary files")
-    if not sdk_container_image and not extra_packages:
+    if not sdk_container_image and not extra_packages and not setup_file:
         raise ValueError("Dataflow workers need this package: give sdk_container_image "
-                         "(an image with clipa-pipeline installed) or extra_packages (a wheel)")
+                         "(an image with clipa-pipeline installed), extra_packages (a wheel) "
+                         "or setup_file (this project's pyproject.toml)")
+    for package in extra_packages:
+        if not os.path.isfile(package) and "://" not in str(package):
+            raise ValueError(f"extra_packages entry {package!r} does not exist; expected a "
+                             "wheel built with `pip wheel --no-deps -w dist .`")
+    if setup_file and (not os.path.isfile(setup_file) or os.path.basename(setup_file)
+                       not in ("setup.py", "pyproject.toml")):
+        raise ValueError(f"setup_file={setup_file!r}; expected the path of an existing "
+                         "setup.py or pyproject.toml (this project's: pyproject.toml)")
     options = {"project": project, "region": region, "temp_location": temp_location,
                "save_main_session": False, **more}
     if machine_type:
@@ -58,6 +76,8 @@ def dataflow_options(project: str, region: str, temp_location: str, *,
         options["sdk_container_image"] = sdk_container_image
     if extra_packages:
         options["extra_packages"] = list(extra_packages)
+    if setup_file:
+        options["setup_file"] = os.path.abspath(setup_file)
     return options
 
 
@@ -101,6 +121,8 @@ def parse_args(argv: list[str] | None, description: str) -> dict:
     df.add_argument("--max-workers", type=int, default=0)
     df.add_argument("--extra-package", action="append", default=[],
                     help="a wheel of this project for the workers (repeatable)")
+    df.add_argument("--setup-file", default="",
+                    help="pyproject.toml of this project: Beam builds and ships an sdist")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a Beam pipeline option (repeatable), e.g. direct_num_workers=2")
     a = ap.parse_args(argv)
@@ -109,7 +131,8 @@ def parse_args(argv: list[str] | None, description: str) -> dict:
         options = dataflow_options(a.project, a.region, a.temp_location,
                                    machine_type=a.machine_type, max_num_workers=a.max_workers,
                                    sdk_container_image=a.sdk_container_image,
-                                   extra_packages=tuple(a.extra_package), **options)
+                                   extra_packages=tuple(a.extra_package),
+                                   setup_file=a.setup_file, **options)
     return dict(input_dir=a.input, output_dir=a.output, runner=a.runner,
                 pipeline_options=options, samples_per_shard=a.samples_per_shard,
                 min_caption_words=a.min_caption_words, min_caption_chars=a.min_caption_chars,

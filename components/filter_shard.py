@@ -111,6 +111,25 @@ def _settings(cfg: FilterConfig, runner: str) -> dict:
 # The step
 
 
+def make_pipeline(tar_paths: list[str], output_dir: str, cfg: FilterConfig,
+                  runner: str = DEFAULT_RUNNER, pipeline_options: dict | None = None
+                  ) -> beam.Pipeline:
+    """The Beam pipeline of ``filter_shard``, built but not run.
+
+    Args:
+        tar_paths: the input shards (``list_input_shards``).
+        output_dir: where the output shards go.
+        cfg: the filter settings.
+        runner: a Beam runner name, e.g. ``"FnApiRunner"`` or ``"DataflowRunner"``.
+        pipeline_options: Beam pipeline options as keywords (``filter_options.
+            dataflow_options`` for Dataflow); Beam checks them here.
+    """
+    options = PipelineOptions(flags=[], **(pipeline_options or {}))
+    p = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(p, tar_paths, output_dir, cfg)
+    return p
+
+
 def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_RUNNER,
                      pipeline_options: dict | None = None, **settings) -> dict:
     """Filter, deduplicate and reshard the img2dataset shards of ``input_dir``.
@@ -152,9 +171,7 @@ def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_R
     _prepare_output(output_dir, input_dir)
 
     start = time.perf_counter()
-    options = PipelineOptions(flags=[], **(pipeline_options or {}))
-    p = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(p, tar_paths, str(output_dir), cfg)
+    p = make_pipeline(tar_paths, str(output_dir), cfg, runner, pipeline_options)
     result = p.run()
     result.wait_until_finish()  # raises if the pipeline failed
     counts = read_counters(result)
