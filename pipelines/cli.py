@@ -4,11 +4,16 @@
     clipa run --recipe smoke        # the same, much smaller (about a minute of training)
     clipa run --url-list urls.parquet --eval-set eval_set/   # your own data
     clipa compile --output pipeline.yaml
+    clipa compile --pipeline eval --placement a3-highgpu-8g --train-image IMAGE
+    clipa submit --project P --region us-central1 --pipeline-root gs://b/root --param url_list=gs://...
+    clipa schedule create --cron "0 3 * * 1" --model ours=gs://... --benchmark zeroshot:gs://...
+    clipa component run evaluate --input model=gs://... --input eval_set=gs://... --local
     clipa plan paper_h14 --accelerator a100 --utilization 0.4   # FLOPs, hours and cost
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,23 +29,60 @@ def _parse_param(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _coerce(params: list[tuple[str, str]]) -> dict:
-    """Turn KEY=VALUE strings into the pipeline parameters' own types."""
-    from pipelines.training_pipeline import clipa_training
+def _coerce(params: list[tuple[str, str]], inputs=None, what: str = "pipeline parameter") -> dict:
+    """Turn KEY=VALUE strings into the parameters' own types.
 
-    inputs = clipa_training.component_spec.inputs
-    casts = {"Integer": int, "Float": float, "String": str,
+    Args:
+        params: (key, value) pairs from ``--param``.
+        inputs: a component spec's ``inputs`` (name -> InputSpec); default: clipa_training's.
+        what: how errors name a key ("pipeline parameter", "evaluate parameter", ...).
+    Lists and dicts are JSON (``--param 'models=["a", "b"]'``) or, for lists, comma-separated.
+    """
+    if inputs is None:
+        from pipelines.training_pipeline import clipa_training
+        inputs = clipa_training.component_spec.inputs
+    casts = {"Integer": int, "Float": float, "String": str, "List": _as_list, "Dict": json.loads,
              "Boolean": lambda v: v.lower() in ("1", "true", "yes")}
     out = {}
     for key, value in params:
         if key not in inputs:
-            raise SystemExit(f"clipa: unknown pipeline parameter {key!r}; known: {', '.join(sorted(inputs))}")
+            raise SystemExit(f"clipa: unknown {what} {key!r}; known: {', '.join(sorted(inputs))}")
         cast = casts.get(inputs[key].type, str)
         try:
             out[key] = cast(value)
         except ValueError:
             raise SystemExit(f"clipa: --param {key}={value!r}: expected a {inputs[key].type}") from None
     return out
+
+
+def _as_list(value: str) -> list:
+    """A JSON list, or comma-separated strings."""
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_placement_args(parser: argparse.ArgumentParser, default: str | None = "a3-highgpu-8g") -> None:
+    """--placement, --data-image and --train-image (shared by compile, submit, schedule, component)."""
+    from pipelines.placement import PLACEMENTS
+
+    parser.add_argument("--placement", default=default, choices=sorted(PLACEMENTS),
+                        help="per-step machines and images (pipelines/placement.py; default: "
+                             f"{default or 'none, every step its plain component'})")
+    parser.add_argument("--data-image", default="",
+                        help="container image of the data steps (download, filter_shard, summarize, "
+                             "record_history); default: the placement's")
+    parser.add_argument("--train-image", default="",
+                        help="container image of the training and evaluation steps; default: the placement's")
+
+
+def placement_from_args(args):
+    """The Placement that --placement/--data-image/--train-image name, or None (no placement)."""
+    from pipelines.placement import resolve_placement
+
+    if args.placement is None and not (args.data_image or args.train_image):
+        return None
+    return resolve_placement(args.placement or "local", args.data_image, args.train_image)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE",
                      help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
 
-    comp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (what Vertex AI runs)")
-    comp.add_argument("--output", default="pipeline.yaml", help="where to write it (default: pipeline.yaml)")
+    comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
+                          description="Compile the training or the eval pipeline. Without --placement "
+                                      "every step is its plain component (the checked-in YAML files); "
+                                      "with one, steps get machines and images (docs/VERTEX.md).")
+    comp.add_argument("--pipeline", default="training", choices=("training", "eval"),
+                      help="training (clipa_training) or eval (clipa_benchmarks) (default: training)")
+    comp.add_argument("--output", default=None,
+                      help="where to write it (default: pipeline.yaml, or eval_pipeline.yaml for --pipeline eval)")
+    add_placement_args(comp, default=None)
 
+    from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
+    from pipelines.schedule import add_schedule_parser
+    from pipelines.vertex import add_submit_parser
 
     add_plan_parser(sub)
+    add_submit_parser(sub)
+    add_schedule_parser(sub)
+    add_component_parser(sub)
     return parser
 
 
@@ -88,8 +143,8 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from pipelines.compile import compile_pipeline
 
-    compile_pipeline(args.output)
-    print(f"wrote {args.output}")
+    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args))
+    print(f"wrote {output}")
     return 0
 
 
@@ -100,7 +155,26 @@ def cmd_plan(args) -> int:
 
 
 # Subcommand -> handler; each takes the parsed arguments and returns the exit status.
-COMMANDS = {"run": cmd_run, "compile": cmd_compile, "plan": cmd_plan}
+def cmd_submit(args) -> int:
+    from pipelines.vertex import run_submit
+
+    return run_submit(args)
+
+
+def cmd_schedule(args) -> int:
+    from pipelines.schedule import run_schedule
+
+    return run_schedule(args)
+
+
+def cmd_component(args) -> int:
+    from pipelines.component_run import run_component_cli
+
+    return run_component_cli(args)
+
+
+COMMANDS = {"run": cmd_run, "compile": cmd_compile, "plan": cmd_plan, "submit": cmd_submit,
+            "schedule": cmd_schedule, "component": cmd_component}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,43 @@
-"""Compile the pipelines to KFP IR YAML, the file Vertex AI Pipelines runs.
+"""Compile the pipelines to KFP IR YAML, the files Vertex AI Pipelines runs.
 
-The checked-in ``pipeline.yaml`` at the repository root is this function's output for the
-current code (a test recompiles and compares).
+The checked-in ``pipeline.yaml`` (training) and ``eval_pipeline.yaml`` (benchmarks) at the
+repository root are this module's output for the current code, without a placement (a
+test recompiles and compares). Under a placement (``--placement a3-highgpu-8g``) each step
+gets its machine and image (pipelines/placement.py).
 """
 from __future__ import annotations
 
 from kfp import compiler
 
+from pipelines.placement import Placement, build_pipeline
 
-def compile_pipeline(output: str = "pipeline.yaml") -> str:
-    """Compile the full training pipeline to ``output`` and return the path."""
-    from pipelines.training_pipeline import clipa_training
+PIPELINES = ("training", "eval")
+DEFAULT_OUTPUT = {"training": "pipeline.yaml", "eval": "eval_pipeline.yaml"}
 
-    compiler.Compiler().compile(pipeline_func=clipa_training, package_path=output)
+
+def get_pipeline(name: str = "training"):
+    """The ``@dsl.pipeline`` object by name: "training" (clipa_training) or "eval" (clipa_benchmarks)."""
+    if name == "training":
+        from pipelines.training_pipeline import clipa_training
+        return clipa_training
+    if name == "eval":
+        from pipelines.eval_pipeline import clipa_benchmarks
+        return clipa_benchmarks
+    raise ValueError(f"pipeline {name!r}: unknown; expected one of {PIPELINES}")
+
+
+def placed_pipeline(name: str = "training", placement: Placement | None = None):
+    """Pipeline ``name``, re-traced under ``placement`` when one is given."""
+    pipeline = get_pipeline(name)
+    return pipeline if placement is None else build_pipeline(pipeline, placement)
+
+
+def compile_pipeline(output: str | None = None, pipeline: str = "training",
+                     placement: Placement | None = None) -> str:
+    """Compile pipeline ``pipeline`` (under ``placement``, if any) to ``output``; return the path.
+
+    ``output`` defaults to the checked-in file of that pipeline (``DEFAULT_OUTPUT``).
+    """
+    output = output or DEFAULT_OUTPUT[pipeline]
+    compiler.Compiler().compile(pipeline_func=placed_pipeline(pipeline, placement), package_path=output)
     return output

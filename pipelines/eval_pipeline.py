@@ -13,6 +13,11 @@ open_clip:NAME:FILE), benchmarks are ``[NAME=]zeroshot|retrieval:PATH`` strings 
 from kfp import dsl
 
 from components.benchmark import benchmark, record_history
+from pipelines.placement import PlacedStep
+
+# Machines and images follow the placement active at compile time (pipelines/placement.py).
+benchmark = PlacedStep("benchmark", benchmark)
+record_history = PlacedStep("record_history", record_history)
 
 EVAL_PIPELINE_NAME = "clipa-benchmarks"
 

@@ -124,12 +124,66 @@ def placing(placement: Placement):
         _ACTIVE.reset(token)
 
 
+def resolve_placement(name: str, data_image: str = "", train_image: str = "") -> Placement:
+    """The preset ``name`` with its images replaced by the given ones (empty: keep)."""
+    placement = get_placement(name)
+    changes = {k: v for k, v in (("data_image", data_image), ("train_image", train_image)) if v}
+    return replace(placement, **changes) if changes else placement
+
+
 def with_image(component, image: str):
     """A copy of a container component that runs in ``image``."""
     if component.component_spec.implementation.container.image == image:
         return component
     comp = copy.deepcopy(component)
     comp.component_spec.implementation.container.image = image
+    return comp
+
+
+def _resources(machine: Machine) -> dict:
+    """``machine``'s kfp task settings as the IR's container ``resources`` (what kfp writes)."""
+    from kfp.compiler import compiler_utils
+
+    res: dict = {}
+    if machine.cpu_limit:
+        res.update(cpuLimit=compiler_utils._cpu_to_float(machine.cpu_limit),
+                   resourceCpuLimit=machine.cpu_limit)
+    if machine.memory_limit:
+        res.update(memoryLimit=compiler_utils._memory_to_float(machine.memory_limit),
+                   resourceMemoryLimit=machine.memory_limit)
+    if machine.accelerator_type:
+        count = str(machine.accelerator_count or 1)
+        res["accelerator"] = {"type": machine.accelerator_type, "count": count,
+                              "resourceType": machine.accelerator_type, "resourceCount": count}
+    return res
+
+
+def place_graph(component, image: str, machine: Machine | None):
+    """A copy of a sub-pipeline (e.g. ``download``) whose every container runs in ``image``
+    with ``machine``'s task settings.
+
+    Its inner steps are plain components traced when the sub-pipeline was defined, so the
+    placement edits the compiled executors (image, resources) rather than re-tracing it.
+    A ``machine_type`` (custom job) is refused: a sub-pipeline's steps are many small tasks.
+    """
+    from google.protobuf import json_format
+
+    if machine is not None and machine.machine_type:
+        raise ValueError(f"sub-pipeline {component.name!r}: a machine_type (custom job) cannot place "
+                         "a sub-pipeline; expected kfp task settings (cpu_limit, memory_limit, accelerator)")
+    comp = copy.deepcopy(component)
+    spec = comp.pipeline_spec.deployment_spec
+    executors = json_format.MessageToDict(spec)["executors"]
+    resources = _resources(machine) if machine is not None else {}
+    for executor in executors.values():
+        container = executor.get("container")
+        if container is None:
+            continue  # importers and the like: no container to place
+        container["image"] = image
+        if resources:
+            container["resources"] = resources
+    spec.Clear()
+    spec.update({"executors": executors})
     return comp
 
 
@@ -173,10 +227,12 @@ class PlacedStep:
 
     def __call__(self, *args, **kwargs):
         placement = _ACTIVE.get()
-        if placement.name == "local" and not placement.machines:
+        if placement == PLACEMENTS["local"]:
             return self.component(*args, **kwargs)
-        comp = with_image(self.component, placement.image_for(self.step))
         machine = placement.machines.get(self.step)
+        if hasattr(self.component, "pipeline_func"):  # a sub-pipeline (GraphComponent)
+            return place_graph(self.component, placement.image_for(self.step), machine)(*args, **kwargs)
+        comp = with_image(self.component, placement.image_for(self.step))
         if machine is not None and machine.machine_type:
             comp = as_custom_job(comp, machine)
         task = comp(*args, **kwargs)

@@ -3,6 +3,9 @@
 download -> filter_shard -> pretrain (84 px) -> finetune (224 px) -> finetune (336 px),
 with a zero-shot evaluation after each training stage and a summary at the end.
 
+Per-step machines and images are chosen at compile time: ``build_pipeline(clipa_training,
+get_placement("a3-highgpu-8g"))`` (pipelines/placement.py).
+
 Every setting is an explicit pipeline parameter (what Vertex shows and what a rerun
 changes); defaults come from the ``demo`` recipe, and ``pipeline_arguments(recipe)``
 turns any recipe of ``clipa_model.recipes`` into these parameters.
@@ -17,6 +20,16 @@ from components.evaluate import evaluate
 from components.filter_shard import filter_shard
 from components.report import summarize
 from components.train import finetune, pretrain
+from pipelines.placement import PlacedStep
+
+# Steps follow the placement active at compile time (pipelines/placement.py); compiled as
+# they are (pipeline.yaml, clipa run) each one is its plain component.
+download = PlacedStep("download", download)
+filter_shard = PlacedStep("filter_shard", filter_shard)
+pretrain = PlacedStep("pretrain", pretrain)
+finetune = PlacedStep("finetune", finetune)
+evaluate = PlacedStep("evaluate", evaluate)
+summarize = PlacedStep("summarize", summarize)
 
 PIPELINE_NAME = "clipa-training"
 

@@ -1,0 +1,191 @@
+"""`clipa submit`: compile the training pipeline under a placement and submit it to Vertex AI.
+
+    clipa submit --project P --region us-central1 --pipeline-root gs://bucket/root \\
+        --param url_list=gs://bucket/urls.parquet --param eval_set=gs://bucket/eval_set \\
+        --placement a3-highgpu-8g --train-image us-docker.pkg.dev/P/clipa/clipa-train:0.1.0
+    clipa submit ... --dry-run      # print the exact CreatePipelineJob request, send nothing
+
+The job is a google-cloud-aiplatform ``PipelineJob``; the shared pieces (the Vertex
+options, their checks, ``aiplatform.init``, building a job from a compiled template) are
+used by ``clipa schedule`` and ``clipa component run`` too. Every check runs before
+anything is sent: a missing project / region / pipeline root, a pipeline root that is
+not gs://, an unknown or missing pipeline parameter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VertexTarget:
+    """Where and as whom a pipeline runs on Vertex AI."""
+    project: str
+    region: str
+    pipeline_root: str
+    service_account: str = ""
+    network: str = ""
+    labels: dict = field(default_factory=dict)
+    enable_caching: bool | None = None  # None: the compiled per-task settings
+    api_endpoint: str = ""
+
+
+def _parse_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--label expects KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_vertex_args(parser: argparse.ArgumentParser, pipeline_root: bool = True) -> None:
+    """The options that say where a job runs (project, region, root, identity, labels)."""
+    parser.add_argument("--project", default=os.environ.get("CLIPA_PROJECT", ""),
+                        help="Google Cloud project id (default: $CLIPA_PROJECT)")
+    parser.add_argument("--region", default=os.environ.get("CLIPA_REGION", ""),
+                        help="Vertex AI region, e.g. us-central1 (default: $CLIPA_REGION)")
+    if pipeline_root:
+        parser.add_argument("--pipeline-root", default=os.environ.get("CLIPA_PIPELINE_ROOT", ""),
+                            help="gs:// folder for the run's artifacts (default: $CLIPA_PIPELINE_ROOT)")
+    parser.add_argument("--service-account", default="",
+                        help="service account the steps run as (default: the project's Compute default)")
+    parser.add_argument("--network", default="",
+                        help="VPC network to peer with, projects/NUMBER/global/networks/NAME")
+    parser.add_argument("--label", action="append", default=[], type=_parse_label, metavar="KEY=VALUE",
+                        help="label of the job (repeatable)")
+    parser.add_argument("--api-endpoint", default="",
+                        help="Vertex AI API endpoint (default: REGION-aiplatform.googleapis.com)")
+    if pipeline_root:
+        cache = parser.add_mutually_exclusive_group()
+        cache.add_argument("--enable-caching", dest="enable_caching", action="store_true", default=None,
+                           help="reuse the outputs of steps already run with the same inputs (resume)")
+        cache.add_argument("--no-caching", dest="enable_caching", action="store_false",
+                           help="run every step again")
+
+
+def target_from_args(args, need_root: bool = True) -> VertexTarget:
+    """A checked VertexTarget from parsed options.
+
+    Raises:
+        ValueError: naming the missing or malformed option.
+    """
+    missing = [opt for opt, value in (("--project", args.project), ("--region", args.region))
+               if not value]
+    root = getattr(args, "pipeline_root", "") or ""
+    if need_root and not root:
+        missing.append("--pipeline-root")
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: required for Vertex AI (or set $CLIPA_PROJECT, "
+                         "$CLIPA_REGION, $CLIPA_PIPELINE_ROOT)")
+    if root and not root.startswith("gs://"):
+        raise ValueError(f"--pipeline-root {root!r}: expected a gs:// folder (Vertex AI keeps "
+                         "artifacts in Cloud Storage)")
+    return VertexTarget(args.project, args.region, root.rstrip("/"), args.service_account,
+                        args.network, dict(args.label), getattr(args, "enable_caching", None),
+                        args.api_endpoint)
+
+
+def init_vertex(target: VertexTarget, dry_run: bool = False) -> None:
+    """``aiplatform.init`` for ``target``.
+
+    Settings made by an earlier ``aiplatform.init`` (credentials, transport, endpoint)
+    stay unless ``target`` names them. A dry run needs no login: it uses anonymous
+    credentials, since nothing is sent.
+    """
+    from google.cloud import aiplatform
+
+    kwargs = {"project": target.project, "location": target.region}
+    if target.api_endpoint:
+        kwargs["api_endpoint"] = target.api_endpoint
+    if dry_run:
+        from google.auth.credentials import AnonymousCredentials
+        kwargs["credentials"] = AnonymousCredentials()
+    aiplatform.init(**kwargs)
+
+
+def build_job(template_path: str, target: VertexTarget, parameter_values: dict,
+              display_name: str = "", job_id: str = ""):
+    """An unsent ``aiplatform.PipelineJob`` of the compiled ``template_path`` for ``target``.
+
+    The service account and network are set on the job here, as ``submit`` would set them,
+    so that ``request_of`` shows what is sent.
+    """
+    from google.cloud import aiplatform
+
+    job = aiplatform.PipelineJob(
+        display_name=display_name or "clipa", template_path=template_path,
+        job_id=job_id or None, pipeline_root=target.pipeline_root,
+        parameter_values=parameter_values, enable_caching=target.enable_caching,
+        labels=target.labels or None, project=target.project, location=target.region)
+    if target.service_account:
+        job._gca_resource.service_account = target.service_account
+    if target.network:
+        job._gca_resource.network = target.network
+    return job
+
+
+def request_of(job) -> dict:
+    """The CreatePipelineJob request that ``job.submit()`` sends, as JSON-ready data."""
+    from google.protobuf import json_format
+
+    return {"parent": job._parent, "pipelineJobId": job.job_id,
+            "pipelineJob": json_format.MessageToDict(job._gca_resource._pb)}
+
+
+def submit_job(job, target: VertexTarget) -> str:
+    """Send ``job``; return its console link."""
+    job.submit(service_account=target.service_account or None, network=target.network or None)
+    return job._dashboard_uri()
+
+
+def check_parameters(pipeline, values: dict) -> None:
+    """Fail before sending when a required parameter of ``pipeline`` has no value."""
+    inputs = pipeline.component_spec.inputs or {}
+    missing = [k for k, spec in inputs.items() if spec.default is None and not spec.optional
+               and k not in values]
+    if missing:
+        raise ValueError(f"pipeline {pipeline.name!r}: missing parameter(s) {', '.join(sorted(missing))}; "
+                         "give them with --param KEY=VALUE")
+
+
+def add_submit_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``submit`` subcommand to an argparse ``subparsers`` object."""
+    from pipelines.cli import _parse_param, add_placement_args
+
+    sub = subparsers.add_parser(
+        "submit", help="compile and submit the training pipeline to Vertex AI Pipelines",
+        description="Compile clipa_training under a placement (per-step machines and images) and "
+                    "submit it as a Vertex AI PipelineJob; prints the job's console link.")
+    add_vertex_args(sub)
+    add_placement_args(sub)
+    sub.add_argument("--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE",
+                     help="a pipeline parameter, e.g. --param url_list=gs://b/urls.parquet (repeatable; "
+                          "url_list and eval_set are required)")
+    sub.add_argument("--display-name", default="", help="the job's display name (default: clipa-training)")
+    sub.add_argument("--job-id", default="", help="the job's id (default: clipa-training-TIMESTAMP)")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="print the exact CreatePipelineJob request as JSON and send nothing")
+    return sub
+
+
+def run_submit(args) -> int:
+    """``clipa submit``: check, compile, build the job, then print or send it."""
+    from pipelines.cli import _coerce, placement_from_args
+    from pipelines.compile import compile_pipeline, get_pipeline
+
+    target = target_from_args(args)
+    pipeline = get_pipeline("training")
+    values = _coerce(args.param, pipeline.component_spec.inputs)
+    check_parameters(pipeline, values)
+    with tempfile.TemporaryDirectory(prefix="clipa-submit-") as tmp:
+        template = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), "training",
+                                    placement_from_args(args))
+        init_vertex(target, dry_run=args.dry_run)
+        job = build_job(template, target, values, args.display_name or pipeline.name, args.job_id)
+    if args.dry_run:
+        print(json.dumps(request_of(job), indent=2, sort_keys=True))
+        return 0
+    print(submit_job(job, target))
+    return 0
