@@ -169,14 +169,17 @@ def _progress(output_dir: str, total_shards: int, every: float) -> Iterator[None
     before = len(stats_files(output_dir)) if _exists(output_dir) else 0
     start = time.monotonic()
 
+    def report_once():
+        try:
+            done = len(stats_files(output_dir)) - before
+        except Exception:  # noqa: BLE001 - a listing hiccup must not end the download
+            return
+        log.info("download progress: %d of %d shards finished (%.1f shards/min)",
+                 done, total_shards, 60 * done / max(time.monotonic() - start, 1e-9))
+
     def report():
         while not stop.wait(every):
-            try:
-                done = len(stats_files(output_dir)) - before
-            except Exception:  # noqa: BLE001 - a listing hiccup must not end the download
-                continue
-            log.info("download progress: %d of %d shards finished (%.1f shards/min)",
-                     done, total_shards, 60 * done / (time.monotonic() - start))
+            report_once()
 
     thread = threading.Thread(target=report, name="download-progress", daemon=True)
     thread.start()
@@ -185,6 +188,7 @@ def _progress(output_dir: str, total_shards: int, every: float) -> Iterator[None
     finally:
         stop.set()
         thread.join(timeout=5)
+        report_once()  # the final count, however short the run was
 
 
 def _exists(path: str) -> bool:

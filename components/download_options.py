@@ -5,6 +5,9 @@ import dataclasses
 
 # img2dataset's default: skip images whose X-Robots-Tag says any of these.
 DEFAULT_DISALLOWED = "noai,noimageai,noindex,noimageindex"
+ENCODE_FORMATS = ("jpg", "png", "webp")
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+HASHES = ("", "md5", "sha256", "sha512")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +18,8 @@ class DownloadOptions:
         image_size, resize_mode: target side and how to reach it ("keep_ratio": shorter
             side = image_size, no crop; "center_crop", "border", "keep_ratio_largest",
             "no" = keep as is). Images are never upscaled.
-        encode_format, encode_quality: "jpg" (default), "png" or "webp", and its quality.
+        encode_format, encode_quality: "jpg" (default), "png" or "webp", and its quality
+            (0-100; for png the compression level 0-9).
         samples_per_shard: URLs per shard (number_sample_per_shard).
         processes, threads: worker processes, download threads per process.
         timeout, retries: per-URL HTTP timeout in seconds; retries after a failure.
@@ -44,16 +48,27 @@ class DownloadOptions:
     user_agent_token: str = ""
 
     def validate(self) -> "DownloadOptions":
-        """Raise ValueError naming the first setting out of range."""
-        checks = (("image_size", self.image_size >= 1), ("samples_per_shard", self.samples_per_shard >= 1),
-                  ("processes", self.processes >= 1), ("threads", self.threads >= 1),
-                  ("timeout", self.timeout >= 1), ("retries", self.retries >= 0),
-                  ("encode_format", self.encode_format in ("jpg", "png", "webp")),
-                  ("resize_mode", self.resize_mode in (
-                      "no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")),
-                  ("compute_hash", self.compute_hash in ("", "md5", "sha256", "sha512")),
-                  ("max_image_pixels", self.max_image_pixels >= 1))
-        for name, ok in checks:
+        """Raise ValueError naming the first setting out of range and what it expects."""
+        png = self.encode_format == "png"
+        checks = (
+            ("image_size", self.image_size >= 1, "at least 1"),
+            ("samples_per_shard", self.samples_per_shard >= 1, "at least 1"),
+            ("processes", self.processes >= 1, "at least 1"),
+            ("threads", self.threads >= 1, "at least 1"),
+            ("timeout", self.timeout >= 1, "at least 1 second"),
+            ("retries", self.retries >= 0, "0 or more"),
+            ("min_image_size", self.min_image_size >= 0, "0 (off) or more"),
+            ("max_aspect_ratio", self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1,
+             "0 (off) or at least 1"),
+            ("encode_format", self.encode_format in ENCODE_FORMATS,
+             f"one of {ENCODE_FORMATS}"),
+            ("encode_quality", 0 <= self.encode_quality <= (9 if png else 100),
+             "0-9 for png (its compression level)" if png else "0-100"),
+            ("resize_mode", self.resize_mode in RESIZE_MODES, f"one of {RESIZE_MODES}"),
+            ("compute_hash", self.compute_hash in HASHES, f"one of {HASHES}"),
+            ("max_image_pixels", self.max_image_pixels >= 1, "at least 1"))
+        for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"download option {name}={getattr(self, name)!r} is out of range")
+                raise ValueError(f"download option {name}={getattr(self, name)!r} is out of "
+                                 f"range; expected {expected}")
         return self

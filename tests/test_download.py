@@ -7,6 +7,7 @@ a host name, read from a folder of a parquet and a gzipped tsv file.
 """
 # No `from __future__ import annotations`: kfp reads the test pipeline's annotations as types.
 import collections
+import glob
 import gzip
 import io
 import json
@@ -26,6 +27,7 @@ from clipa_model.artifacts import read_marker
 from components.download import UrlListError, failure_reason, read_url_list, run_download
 from components.download_stats import metrics
 from pipelines.demo_server import BAD_KINDS, serve_directory, write_url_list
+from test_data_download_options import serve_with_headers
 from test_filter_shard import gcs  # noqa: F401 - the GCS emulator fixture
 
 N_GOOD = 40
@@ -58,10 +60,13 @@ def bomb_png(side):
     return b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(idat) + chunk(b"IEND")
 
 
-def extra_rows(root, base_url):
-    """Rows the demo list lacks: unsafe URLs, bombs, a host name; with a uid column."""
+def extra_rows(root, base_url, header_url):
+    """Rows the demo list lacks: unsafe URLs, bombs, a host name, X-Robots-Tag headers
+    (from ``header_url``, a ``serve_with_headers`` server of the same folder); with a
+    uid column."""
     port = base_url.rsplit(":", 1)[1]
     Image.new("RGB", (80, 70), (10, 200, 30)).save(os.path.join(root, "images", "named.jpg"))
+    Image.new("RGB", (80, 70), (200, 10, 30)).save(os.path.join(root, "images", "tagged.jpg"))
     for side in (100_000, 30_000):
         with open(os.path.join(root, f"bomb-{side}.png"), "wb") as f:
             f.write(bomb_png(side))
@@ -75,6 +80,9 @@ def extra_rows(root, base_url):
         (f"{base_url}/bomb-100000.png", "too_large"),
         (f"{base_url}/bomb-30000.png", "too_large"),
         (f"http://localhost:{port}/images/named.jpg", "success"),  # a name for 127.0.0.1
+        # img2dataset's default directives: "noai" refuses; a tag for another bot does not
+        (f"{header_url}/noai/images/tagged.jpg", "robots_disallowed"),
+        (f"{header_url}/otherbot/images/tagged.jpg", "success"),
     ]
     return pd.DataFrame({"url": [u for u, _ in rows],
                          "caption": [f"an extra row about {k}, number {i}" for i, (_, k) in enumerate(rows)],
@@ -88,12 +96,12 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("download")
     root = tmp / "served"
     samples = make_samples(str(root), N_GOOD)
-    with serve_directory(str(root)) as base_url:
+    with serve_directory(str(root)) as base_url, serve_with_headers(str(root)) as tagged:
         urls = tmp / "urls"
         urls.mkdir()
         kinds = write_url_list(samples, str(root), base_url, str(urls / "a.parquet"), seed=0,
                                bad_fraction=0.05)
-        extra = extra_rows(str(root), base_url)
+        extra = extra_rows(str(root), base_url, tagged.base_url)
         with gzip.open(urls / "b.tsv.gz", "wt") as f:
             extra.drop(columns="expect").to_csv(f, sep="\t", index=False)
         yield {"tmp": tmp, "root": root, "base_url": base_url, "url_list": str(urls),
@@ -106,7 +114,8 @@ def downloaded(served):
     out = str(served["tmp"] / "shards")
     # In a fresh interpreter, so that RUSAGE_CHILDREN there measures img2dataset's workers
     # alone (in this process it would also hold the peak of every earlier test's children).
-    script = ("import json, resource, sys; from components.download import run_download; "
+    script = ("import json, logging, resource, sys; from components.download import run_download; "
+              "logging.basicConfig(level=logging.INFO); "
               "result = run_download(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3])); "
               "print(json.dumps({'result': result, 'workers_maxrss_kib': "
               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
@@ -115,7 +124,7 @@ def downloaded(served):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**served, "out": out, "result": report["result"],
+    return {**served, "out": out, "result": report["result"], "log": proc.stderr,
             "workers_maxrss_kib": report["workers_maxrss_kib"],
             "urls": read_url_list(served["url_list"]).set_index("url")}
 
@@ -154,7 +163,7 @@ def test_counts_successes_and_failures_by_reason(downloaded):
         # a redirect to 169.254.169.254 is refused when the connection is made
         "unsafe_address": kinds["redirect_to_metadata"] + expect["unsafe_address"],
         "unsafe_scheme": expect["unsafe_scheme"], "unsafe_host": expect["unsafe_host"],
-        "too_large": expect["too_large"]}
+        "too_large": expect["too_large"], "robots_disallowed": expect["robots_disallowed"]}
     assert result["successes"] + sum(result["failures"].values()) == result["count"]
     assert "169.254.169.254" in result["failure_examples"]["unsafe_address"] or \
         "link-local" in result["failure_examples"]["unsafe_address"]
@@ -202,6 +211,14 @@ def test_report_and_metrics_show_rate_and_reasons(downloaded):
     for reason in result["failures"]:
         assert f"<td>{reason}</td>" in page
     assert "images/s" in page
+
+
+def test_progress_is_logged_while_it_runs(downloaded):
+    lines = [l for l in downloaded["log"].splitlines() if "download progress:" in l]
+    n = len(downloaded["result"]["shards"])
+    assert lines and lines[-1].split("download progress: ", 1)[1].startswith(f"{n} of {n} shards")
+    assert "downloaded %d of %d images" % (downloaded["result"]["successes"],
+                                           downloaded["result"]["count"]) in downloaded["log"]
 
 
 def test_rerun_of_a_finished_folder_does_nothing(downloaded):
@@ -281,6 +298,24 @@ def test_parts_in_kfp_local_give_the_single_run_shards(downloaded, tmp_path, mon
     keys = lambda folders: sorted(k for d in folders for s in os.listdir(d) if s.endswith(".tar")  # noqa: E731
                                   for k in _samples_in(os.path.join(d, s)))
     assert keys(marker["parts"]) == keys([downloaded["out"]])
+    # The merge component's Metrics and HTML: rate, throughput, failures by reason.
+    from kfp.dsl import HTML, Dataset, Metrics
+
+    from components.download import merge_download
+
+    plan_dir = os.path.dirname(next(iter(glob.glob(str(tmp_path / "root" / "**" / "plan.json"),
+                                                   recursive=True))))
+    stats, report = Metrics(uri=str(tmp_path / "stats")), HTML(uri=str(tmp_path / "r" / "page.html"))
+    merge_download.python_func(url_parts=Dataset(uri=plan_dir),
+                               parts=[Dataset(uri=d) for d in marker["parts"]],
+                               shards=Dataset(uri=str(tmp_path / "merged_again")), stats=stats,
+                               report=report)
+    assert stats.metadata["success_rate"] == single["success_rate"]
+    assert stats.metadata["images_per_second"] > 0 and stats.metadata["shards"] == len(single["shards"])
+    assert {k: v for k, v in stats.metadata.items() if k.startswith("failed_")} == {
+        "failed_" + r: n for r, n in single["failures"].items()}
+    page = open(report.path).read()
+    assert all(f"<td>{r}</td>" in page for r in single["failures"]) and "images/s" in page
     filtered = run_filter_shard(merged, str(tmp_path / "filtered"), samples_per_shard=16)
     assert filtered["input_count"] == single["successes"]
     assert "duplicate_key" not in filtered["dropped"]  # one namespace: no key collisions
