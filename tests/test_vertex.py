@@ -1,0 +1,209 @@
+"""`clipa submit`, `clipa schedule`, `clipa component run` on "Vertex AI": the real
+google-cloud-aiplatform SDK talks REST to a recording server on 127.0.0.1, and its
+pipeline-root bucket checks go to a GCS emulator (STORAGE_EMULATOR_HOST).
+
+The one call with no local endpoint is the SDK's project-number lookup through Google's
+resource manager (its bucket-ownership check); the tests replace
+``resource_manager_utils.get_project_number`` with the emulator's project number (1234).
+"""
+import json
+import logging
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import aiplatform
+from google.cloud.aiplatform import initializer
+from google.cloud.aiplatform.utils import resource_manager_utils
+
+from gcs_emulator import start_emulator
+from pipelines.cli import main
+from recording_server import recording_vertex
+
+PROJECT, REGION, SA = "proj", "us-central1", "runner@proj.iam.gserviceaccount.com"
+NETWORK = "projects/1234/global/networks/vpc"
+WHERE = ["--project", PROJECT, "--region", REGION]
+EMULATOR_PROJECT_NUMBER = "1234"  # what gcp-storage-emulator reports for its buckets
+
+
+@pytest.fixture
+def vertex(monkeypatch):
+    """(recorded state, gcs filesystem): the SDK aimed at the recorder and the emulator."""
+    # aiplatform.init is bound to the one global config: restore its settings afterwards.
+    saved = dict(vars(initializer.global_config))
+    monkeypatch.setattr(resource_manager_utils, "get_project_number",
+                        lambda project, credentials=None: {PROJECT: EMULATOR_PROJECT_NUMBER}.get(project, "999"))
+    with start_emulator("bkt") as (fs, gcs_endpoint), recording_vertex() as (url, state):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+        aiplatform.init(project=PROJECT, location=REGION, api_endpoint=url, api_transport="rest",
+                        credentials=AnonymousCredentials())
+        try:
+            yield state, fs
+        finally:
+            vars(initializer.global_config).clear()
+            vars(initializer.global_config).update(saved)
+
+
+def _submit_args(*extra):
+    return ["submit", *WHERE, "--pipeline-root", "gs://bkt/root", "--param", "url_list=gs://bkt/urls.parquet",
+            "--param", "eval_set=gs://bkt/eval_set", *extra]
+
+
+def test_submit_sends_the_placed_pipeline(vertex, capsys, caplog):
+    state, _ = vertex
+    rc = main(_submit_args("--param", "pretrain_samples=5000", "--param", "ft224_lr=0.0002",
+                           "--service-account", SA, "--network", NETWORK, "--label", "team=vision",
+                           "--label", "run=nightly", "--no-caching", "--train-image", "reg/train:3",
+                           "--job-id", "clipa-test-1"))
+    assert rc == 0
+    (req,) = state.of("POST", "/pipelineJobs")
+    assert req.path == f"/v1/projects/{PROJECT}/locations/{REGION}/pipelineJobs"
+    assert req.query["pipelineJobId"] == "clipa-test-1"
+    job = req.body
+    rc_ = job["runtimeConfig"]
+    assert rc_["gcsOutputDirectory"] == "gs://bkt/root"
+    assert rc_["parameterValues"] == {"url_list": "gs://bkt/urls.parquet", "eval_set": "gs://bkt/eval_set",
+                                      "pretrain_samples": 5000, "ft224_lr": 0.0002}
+    assert job["serviceAccount"] == SA and job["network"] == NETWORK
+    assert job["labels"] == {"team": "vision", "run": "nightly"}
+    spec = job["pipelineSpec"]
+    assert spec["pipelineInfo"]["name"] == "clipa-training"
+    assert all(t["cachingOptions"].get("enableCache") is not True for t in spec["root"]["dag"]["tasks"].values())
+    pools = spec["components"]["comp-pretrain"]["inputDefinitions"]["parameters"]["worker_pool_specs"]
+    (pool,) = pools["defaultValue"]
+    assert pool["machine_spec"]["machine_type"] == "a3-highgpu-8g"
+    assert pool["machine_spec"]["accelerator_count"] == 8
+    assert pool["container_spec"]["image_uri"] == "reg/train:3"
+    link = capsys.readouterr().out.strip().splitlines()[-1]
+    assert link == ("https://console.cloud.google.com/vertex-ai/locations/us-central1/pipelines/runs/"
+                    "clipa-test-1?project=proj")
+    # The bucket check reached the emulator and found the bucket owned by the project.
+    assert "pipeline output artifacts" not in caplog.text
+
+
+def test_submit_creates_a_missing_pipeline_root_bucket(vertex):
+    state, fs = vertex
+    assert main(["submit", *WHERE, "--pipeline-root", "gs://fresh-root/runs", "--service-account", SA,
+                 "--param", "url_list=gs://bkt/u.parquet", "--param", "eval_set=gs://bkt/e"]) == 0
+    fs.invalidate_cache()
+    assert fs.exists("fresh-root")  # created by the SDK, through the emulator
+    assert state.of("POST", "/pipelineJobs")[0].body["runtimeConfig"]["gcsOutputDirectory"] == "gs://fresh-root/runs"
+
+
+def test_submit_logs_a_bucket_of_another_project(vertex, caplog):
+    state, _ = vertex
+    caplog.set_level(logging.ERROR)
+    assert main(["submit", "--project", "other", "--region", REGION, "--pipeline-root", "gs://bkt/root",
+                 "--param", "url_list=gs://bkt/u.parquet", "--param", "eval_set=gs://bkt/e"]) == 0
+    assert "does not belong to project" in caplog.text  # the ownership check ran
+
+
+def test_dry_run_prints_exactly_what_submit_sends(vertex, capsys):
+    state, _ = vertex
+    args = _submit_args("--service-account", SA, "--label", "a=b", "--job-id", "clipa-same")
+    assert main([*args, "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert state.requests == []  # nothing sent
+    assert main(args) == 0
+    (req,) = state.of("POST", "/pipelineJobs")
+    assert printed["parent"] == f"projects/{PROJECT}/locations/{REGION}"
+    assert printed["pipelineJobId"] == req.query["pipelineJobId"] == "clipa-same"
+    assert printed["pipelineJob"] == req.body
+
+
+@pytest.mark.parametrize("args, message", [
+    (["submit", "--region", REGION, "--pipeline-root", "gs://b/r"], "--project: required"),
+    (["submit", "--project", PROJECT, "--pipeline-root", "gs://b/r"], "--region: required"),
+    (["submit", *WHERE], "--pipeline-root: required"),
+    (["submit", *WHERE, "--pipeline-root", "/tmp/root"], "--pipeline-root '/tmp/root': expected a gs://"),
+    (["submit", *WHERE, "--pipeline-root", "gs://b/r", "--param", "url_list=u"], "missing parameter(s) eval_set"),
+    (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 3 * *", "--model", "m",
+      "--benchmark", "zeroshot:gs://b/e", "--history", "gs://b/h"], "expected 5 fields"),
+    (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 24 * * 1", "--model", "m",
+      "--benchmark", "zeroshot:gs://b/e", "--history", "gs://b/h"], "hour 24 out of range 0-23"),
+    (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 3 * * 1", "--model", "m",
+      "--benchmark", "zeroshot:gs://b/e", "--history", "gs://b/h", "--time-zone", "Mars/Base"],
+     "--time-zone 'Mars/Base'"),
+    (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 3 * * 1", "--model", "m",
+      "--benchmark", "imagenet:gs://b/e", "--history", "gs://b/h"], "expected [NAME=]TASK:PATH"),
+])
+def test_bad_input_fails_before_anything_is_sent(vertex, capsys, args, message):
+    state, _ = vertex
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert state.requests == []
+
+
+def test_unknown_param_fails_before_anything_is_sent(vertex):
+    state, _ = vertex
+    with pytest.raises(SystemExit, match="unknown pipeline parameter 'pretrain_sample'"):
+        main(_submit_args("--param", "pretrain_sample=3"))
+    assert state.requests == []
+
+
+def test_schedule_create_list_pause_resume_delete(vertex, capsys):
+    state, _ = vertex
+    assert main(["schedule", "create", *WHERE, "--pipeline-root", "gs://bkt/evals", "--cron", "30 3 * * MON",
+                 "--time-zone", "Europe/Paris", "--max-concurrent-runs", "2",
+                 "--start-time", "2026-01-05T00:00:00Z", "--end-time", "2026-12-31T00:00:00Z",
+                 "--model", "ours=gs://bkt/runs/1/model", "--model", "open_clip:ViT-B-16:gs://bkt/w.bin",
+                 "--benchmark", "imagenet=zeroshot:gs://bkt/imagenet-val", "--history", "gs://bkt/history",
+                 "--service-account", SA, "--network", NETWORK, "--label", "kind=bench"]) == 0
+    (req,) = state.of("POST", "/schedules")
+    sched = req.body
+    assert sched["cron"] == "TZ=Europe/Paris 30 3 * * MON"
+    assert sched["maxConcurrentRunCount"] == "2"
+    assert sched["startTime"] == "2026-01-05T00:00:00Z" and sched["endTime"] == "2026-12-31T00:00:00Z"
+    job = sched["createPipelineJobRequest"]["pipelineJob"]
+    assert job["serviceAccount"] == SA and job["network"] == NETWORK and job["labels"] == {"kind": "bench"}
+    assert job["pipelineSpec"]["pipelineInfo"]["name"] == "clipa-benchmarks"
+    assert job["runtimeConfig"]["gcsOutputDirectory"] == "gs://bkt/evals"
+    assert job["runtimeConfig"]["parameterValues"] == {
+        "models": ["ours=gs://bkt/runs/1/model", "open_clip:ViT-B-16:gs://bkt/w.bin"],
+        "benchmarks": ["imagenet=zeroshot:gs://bkt/imagenet-val"], "history": "gs://bkt/history",
+        "batch_size": 256, "device": "auto"}
+    name = f"projects/{PROJECT}/locations/{REGION}/schedules/1"
+    assert f"created {name}" in capsys.readouterr().out
+
+    assert main(["schedule", "list", *WHERE]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert listed == [{"name": name, "display_name": "clipa-benchmarks",
+                       "cron": "TZ=Europe/Paris 30 3 * * MON", "state": "ACTIVE"}]
+    assert main(["schedule", "pause", "1", *WHERE]) == 0
+    assert state.schedules[name]["state"] == "PAUSED"
+    assert state.of("POST", "/schedules/1:pause")
+    assert main(["schedule", "resume", name, *WHERE]) == 0
+    assert state.schedules[name]["state"] == "ACTIVE"
+    assert main(["schedule", "delete", "1", *WHERE]) == 0
+    assert state.of("DELETE", "/schedules/1") and name not in state.schedules
+
+
+def test_component_runs_alone_on_vertex(vertex, capsys):
+    state, _ = vertex
+    assert main(["component", "run", "finetune", *WHERE, "--input", "data=gs://bkt/filtered",
+                 "--input", "init_model=gs://bkt/pretrain/model", "--param", "samples=2048",
+                 "--param", "mask_ratio=0.5", "--output-uri", "gs://bkt/reruns",
+                 "--placement", "a2-ultragpu-8g", "--service-account", SA]) == 0
+    (req,) = state.of("POST", "/pipelineJobs")
+    job = req.body
+    assert job["runtimeConfig"]["gcsOutputDirectory"] == "gs://bkt/reruns"
+    assert job["serviceAccount"] == SA
+    spec = job["pipelineSpec"]
+    tasks = spec["root"]["dag"]["tasks"]
+    uris = {t["inputs"]["parameters"]["uri"]["runtimeValue"]["constant"]
+            for n, t in tasks.items() if n.startswith("importer")}
+    assert uris == {"gs://bkt/filtered", "gs://bkt/pretrain/model"}
+    params = tasks["finetune"]["inputs"]["parameters"]
+    assert params["samples"]["runtimeValue"]["constant"] == 2048
+    assert params["mask_ratio"]["runtimeValue"]["constant"] == 0.5
+    (pool,) = spec["components"]["comp-finetune"]["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+    assert pool["machine_spec"] == {"machine_type": "a2-ultragpu-8g", "accelerator_type": "NVIDIA_A100_80GB",
+                                    "accelerator_count": 8}
+    assert capsys.readouterr().out.strip().endswith(f"?project={PROJECT}")
+
+
+def test_component_run_on_vertex_needs_a_gs_output(vertex, capsys):
+    state, _ = vertex
+    assert main(["component", "run", "evaluate", *WHERE, "--input", "model=gs://b/m",
+                 "--input", "eval_set=gs://b/e", "--output-uri", "out/"]) == 2
+    assert "--pipeline-root 'out/': expected a gs://" in capsys.readouterr().err
+    assert state.requests == []
