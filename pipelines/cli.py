@@ -82,7 +82,9 @@ def placement_from_args(args):
 
     if args.placement is None and not (args.data_image or args.train_image):
         return None
-    return resolve_placement(args.placement or "local", args.data_image, args.train_image)
+    # Vertex commands: custom jobs run as the job's service account, in its network.
+    return resolve_placement(args.placement or "local", args.data_image, args.train_image,
+                             getattr(args, "service_account", ""), getattr(args, "network", ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

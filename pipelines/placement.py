@@ -64,6 +64,10 @@ class Placement:
     machines: Mapping[str, Machine] = field(default_factory=dict)
     data_image: str = DATA_IMAGE
     train_image: str = TRAIN_IMAGE
+    # Identity and VPC of the custom jobs: a custom job does not inherit the pipeline
+    # job's service account or network, so they are compiled into its spec.
+    service_account: str = ""
+    network: str = ""
 
     def image_for(self, step: str) -> str:
         return self.data_image if step in DATA_STEPS else self.train_image
@@ -124,10 +128,12 @@ def placing(placement: Placement):
         _ACTIVE.reset(token)
 
 
-def resolve_placement(name: str, data_image: str = "", train_image: str = "") -> Placement:
-    """The preset ``name`` with its images replaced by the given ones (empty: keep)."""
+def resolve_placement(name: str, data_image: str = "", train_image: str = "",
+                      service_account: str = "", network: str = "") -> Placement:
+    """The preset ``name`` with the given images / custom-job identity (empty: keep)."""
     placement = get_placement(name)
-    changes = {k: v for k, v in (("data_image", data_image), ("train_image", train_image)) if v}
+    changes = {k: v for k, v in (("data_image", data_image), ("train_image", train_image),
+                                 ("service_account", service_account), ("network", network)) if v}
     return replace(placement, **changes) if changes else placement
 
 
@@ -187,15 +193,16 @@ def place_graph(component, image: str, machine: Machine | None):
     return comp
 
 
-def as_custom_job(component, machine: Machine):
-    """``component`` as a Vertex AI custom job on ``machine`` (google-cloud-pipeline-components)."""
+def as_custom_job(component, machine: Machine, service_account: str = "", network: str = ""):
+    """``component`` as a Vertex AI custom job on ``machine`` (google-cloud-pipeline-components),
+    running as ``service_account`` in ``network`` when given."""
     from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
 
     job = create_custom_training_job_from_component(
         component, machine_type=machine.machine_type, accelerator_type=machine.accelerator_type,
         accelerator_count=machine.accelerator_count or 1, replica_count=machine.replica_count,
-        boot_disk_size_gb=machine.boot_disk_size_gb,
-        env=[{"name": k, "value": v} for k, v in machine.env] or None)
+        boot_disk_size_gb=machine.boot_disk_size_gb, service_account=service_account,
+        network=network, env=[{"name": k, "value": v} for k, v in machine.env] or None)
     if machine.tpu_topology:  # GCPC has no argument for it; it is one field of the spec
         specs = job.component_spec.inputs["worker_pool_specs"].default
         for spec in specs:
@@ -234,7 +241,7 @@ class PlacedStep:
             return place_graph(self.component, placement.image_for(self.step), machine)(*args, **kwargs)
         comp = with_image(self.component, placement.image_for(self.step))
         if machine is not None and machine.machine_type:
-            comp = as_custom_job(comp, machine)
+            comp = as_custom_job(comp, machine, placement.service_account, placement.network)
         task = comp(*args, **kwargs)
         if machine is not None and not machine.machine_type:
             _task_settings(task, machine)

@@ -73,6 +73,9 @@ def test_submit_sends_the_placed_pipeline(vertex, capsys, caplog):
     assert pool["machine_spec"]["machine_type"] == "a3-highgpu-8g"
     assert pool["machine_spec"]["accelerator_count"] == 8
     assert pool["container_spec"]["image_uri"] == "reg/train:3"
+    # Custom jobs do not inherit the job's identity: it is compiled into them.
+    custom = spec["components"]["comp-pretrain"]["inputDefinitions"]["parameters"]
+    assert custom["service_account"]["defaultValue"] == SA and custom["network"]["defaultValue"] == NETWORK
     link = capsys.readouterr().out.strip().splitlines()[-1]
     assert link == ("https://console.cloud.google.com/vertex-ai/locations/us-central1/pipelines/runs/"
                     "clipa-test-1?project=proj")
