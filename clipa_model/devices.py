@@ -1,6 +1,6 @@
 """CPU, CUDA and TPU (torch_xla) behind one small interface used by the training loop.
 
-- CPU: bf16 autocast of the matmuls (fp32 weights, loss and optimizer).
+- CPU: bf16 autocast of the matmuls (fp32 weights, loss and optimizer), fused AdamW.
 - CUDA: bf16 autocast, fused AdamW, one GPU per process (``local_rank``).
 - XLA (TPU through PJRT; ``PJRT_DEVICE=CPU`` runs it on a CPU for tests): the step is traced
   lazily and cut by ``step_end`` (``torch_xla.sync``); batches reach the device through

