@@ -1,4 +1,4 @@
-"""`clipa`: run the CLIPA pipeline locally, or compile it for Vertex AI Pipelines.
+"""`clipa`: run the CLIPA pipeline locally, or compile, submit and schedule it on Vertex AI.
 
     clipa run                       # the whole pipeline on the embedded synthetic default
     clipa run --recipe smoke        # the same, much smaller (about a minute of training)

@@ -205,6 +205,9 @@ def run_schedule(args) -> int:
 
     if args.action == "create":
         target = target_from_args(args)
+        if target.enable_caching:
+            raise ValueError("--enable-caching: not for schedules; the eval pipeline's steps must "
+                             "re-read the models and benchmarks and append on every run")
         params = eval_parameters(args.model, args.benchmark, args.history, args.batch_size, args.device)
         sched = create_schedule(target, params, args.cron, args.time_zone, args.max_concurrent_runs,
                                 args.start_time, args.end_time, args.display_name,

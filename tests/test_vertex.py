@@ -17,6 +17,7 @@ from google.cloud.aiplatform.utils import resource_manager_utils
 
 from gcs_emulator import start_emulator
 from pipelines.cli import main
+from pipelines.schedule import cron_with_time_zone, validate_cron
 from recording_server import recording_vertex
 
 PROJECT, REGION, SA = "proj", "us-central1", "runner@proj.iam.gserviceaccount.com"
@@ -128,6 +129,13 @@ def test_dry_run_prints_exactly_what_submit_sends(vertex, capsys):
      "--time-zone 'Mars/Base'"),
     (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 3 * * 1", "--model", "m",
       "--benchmark", "imagenet:gs://b/e", "--history", "gs://b/h"], "expected [NAME=]TASK:PATH"),
+    (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 3 * * 1", "--model", "m",
+      "--benchmark", "zeroshot:gs://b/e", "--history", "gs://b/h", "--start-time", "tomorrow"],
+     "--start-time 'tomorrow': expected an RFC 3339 time"),
+    (["schedule", "create", *WHERE, "--pipeline-root", "gs://b/r", "--cron", "0 3 * * 1", "--model", "m",
+      "--benchmark", "zeroshot:gs://b/e", "--history", "gs://b/h", "--enable-caching"],
+     "--enable-caching: not for schedules"),
+    (["schedule", "pause", "7", "--region", REGION], "--project: required"),
 ])
 def test_bad_input_fails_before_anything_is_sent(vertex, capsys, args, message):
     state, _ = vertex
@@ -210,3 +218,30 @@ def test_component_run_on_vertex_needs_a_gs_output(vertex, capsys):
                  "--input", "eval_set=gs://b/e", "--output-uri", "out/"]) == 2
     assert "--pipeline-root 'out/': expected a gs://" in capsys.readouterr().err
     assert state.requests == []
+
+
+@pytest.mark.parametrize("cron", ["* * * * *", "*/15 0-6,22 1 JAN-MAR mon-fri", "0 3 1-31/2 12 7",
+                                  "  5   4 * * SUN "])
+def test_valid_crons_pass(cron):
+    assert validate_cron(cron) == " ".join(cron.split())
+
+
+@pytest.mark.parametrize("cron, message", [
+    ("60 * * * *", "minute 60 out of range 0-59"),
+    ("* * 0 * *", "day of month 0 out of range 1-31"),
+    ("* * * 13 *", "month 13 out of range 1-12"),
+    ("* * * * 8", "day of week 8 out of range 0-7"),
+    ("* * * * FUN", "day of week 'FUN' is not a number or one of SUN"),
+    ("*/0 * * * *", "minute step '0' must be a positive number"),
+    ("0 9-5 * * *", "hour range '9-5' runs backwards"),
+    ("@daily", "expected 5 fields"),
+])
+def test_malformed_crons_are_named(cron, message):
+    with pytest.raises(ValueError) as err:
+        validate_cron(cron)
+    assert message in str(err.value) and repr(cron) in str(err.value)
+
+
+def test_time_zone_prefix():
+    assert cron_with_time_zone("0 3 * * 1", "UTC") == "0 3 * * 1"
+    assert cron_with_time_zone("0 3 * * 1", "America/New_York") == "TZ=America/New_York 0 3 * * 1"
