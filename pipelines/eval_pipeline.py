@@ -4,7 +4,7 @@
     record_history(all evaluations, history, run id)               -> history part + trend report
 
 Compiled to ``eval_pipeline.yaml`` (a test checks that it is current); ``clipa schedule``
-runs it periodically on Vertex AI, ``run_eval_locally`` runs it here through kfp.local.
+runs it periodically on Vertex AI (docs/VERTEX.md).
 Models are reference strings (a Model artifact folder, an exported folder, or
 open_clip:NAME:FILE), benchmarks are ``[NAME=]zeroshot|retrieval:PATH`` strings or dicts
 (clipa_model/benchmarks.py).

@@ -68,6 +68,9 @@ class Placement:
     # job's service account or network, so they are compiled into its spec.
     service_account: str = ""
     network: str = ""
+    # Extra arguments of a step's component, by step (e.g. filter_shard's Dataflow runner);
+    # the pipeline's own arguments win over them.
+    step_args: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     def image_for(self, step: str) -> str:
         return self.data_image if step in DATA_STEPS else self.train_image
@@ -78,6 +81,21 @@ class Placement:
         for step in TRAIN_STEPS:
             machines[step] = replace(machines.get(step, Machine()), **changes)
         return replace(self, machines=machines)
+
+
+def with_dataflow(placement: Placement, project: str, region: str, temp_location: str,
+                  machine_type: str = "", max_workers: int = 0) -> Placement:
+    """A copy of ``placement`` whose filter_shard runs its Beam pipeline on Dataflow.
+
+    The workers use the placement's data image (it has this package installed); the
+    filter_shard task itself then only launches and watches the Dataflow job.
+    """
+    if not temp_location.startswith("gs://"):
+        raise ValueError(f"Dataflow temp location {temp_location!r}: expected a gs:// folder")
+    args = {"runner": "DataflowRunner", "dataflow_project": project, "dataflow_region": region,
+            "dataflow_temp_location": temp_location, "dataflow_machine_type": machine_type,
+            "dataflow_max_workers": max_workers, "dataflow_container_image": placement.data_image}
+    return replace(placement, step_args={**placement.step_args, "filter_shard": args})
 
 
 _CPU_DATA = Machine(cpu_limit="8", memory_limit="32G")
@@ -236,6 +254,7 @@ class PlacedStep:
         placement = _ACTIVE.get()
         if placement == PLACEMENTS["local"]:
             return self.component(*args, **kwargs)
+        kwargs = {**placement.step_args.get(self.step, {}), **kwargs}
         machine = placement.machines.get(self.step)
         if hasattr(self.component, "pipeline_func"):  # a sub-pipeline (GraphComponent)
             return place_graph(self.component, placement.image_for(self.step), machine)(*args, **kwargs)

@@ -163,6 +163,12 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     sub.add_argument("--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE",
                      help="a pipeline parameter, e.g. --param url_list=gs://b/urls.parquet (repeatable; "
                           "url_list and eval_set are required)")
+    sub.add_argument("--dataflow", action="store_true",
+                     help="run filter_shard's Beam pipeline on Dataflow (in --project/--region, temp files "
+                          "under PIPELINE_ROOT/dataflow-tmp, workers on the data image)")
+    sub.add_argument("--dataflow-machine-type", default="", help="Dataflow worker machine type (default: Dataflow's)")
+    sub.add_argument("--dataflow-max-workers", type=int, default=0,
+                     help="Dataflow autoscaling ceiling (default: Dataflow's)")
     sub.add_argument("--display-name", default="", help="the job's display name (default: clipa-training)")
     sub.add_argument("--job-id", default="", help="the job's id (default: clipa-training-TIMESTAMP)")
     sub.add_argument("--dry-run", action="store_true",
@@ -179,9 +185,14 @@ def run_submit(args) -> int:
     pipeline = get_pipeline("training")
     values = _coerce(args.param, pipeline.component_spec.inputs)
     check_parameters(pipeline, values)
+    placement = placement_from_args(args)
+    if args.dataflow:
+        from pipelines.placement import with_dataflow
+        placement = with_dataflow(placement, target.project, target.region,
+                                  f"{target.pipeline_root}/dataflow-tmp", args.dataflow_machine_type,
+                                  args.dataflow_max_workers)
     with tempfile.TemporaryDirectory(prefix="clipa-submit-") as tmp:
-        template = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), "training",
-                                    placement_from_args(args))
+        template = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), "training", placement)
         init_vertex(target, dry_run=args.dry_run)
         job = build_job(template, target, values, args.display_name or pipeline.name, args.job_id)
     if args.dry_run:

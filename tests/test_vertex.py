@@ -245,3 +245,16 @@ def test_malformed_crons_are_named(cron, message):
 def test_time_zone_prefix():
     assert cron_with_time_zone("0 3 * * 1", "UTC") == "0 3 * * 1"
     assert cron_with_time_zone("0 3 * * 1", "America/New_York") == "TZ=America/New_York 0 3 * * 1"
+
+
+def test_submit_with_dataflow_runs_filter_shard_on_dataflow(vertex):
+    state, _ = vertex
+    assert main(_submit_args("--dataflow", "--dataflow-max-workers", "32", "--data-image", "reg/data:5")) == 0
+    spec = state.of("POST", "/pipelineJobs")[0].body["pipelineSpec"]
+    params = {k: v["runtimeValue"]["constant"]
+              for k, v in spec["root"]["dag"]["tasks"]["filter-shard"]["inputs"]["parameters"].items()
+              if "runtimeValue" in v}
+    assert params["runner"] == "DataflowRunner"
+    assert params["dataflow_project"] == PROJECT and params["dataflow_region"] == REGION
+    assert params["dataflow_temp_location"] == "gs://bkt/root/dataflow-tmp"
+    assert params["dataflow_max_workers"] == 32 and params["dataflow_container_image"] == "reg/data:5"
