@@ -261,6 +261,12 @@ def test_default_policy_refuses_loopback_even_behind_a_name(served, tmp_path):
     assert result["successes"] == 0 and result["failures"] == {"unsafe_address": 2}
     assert "localhost resolves to 127.0.0.1 (loopback)" in open(tmp_path / "out" / "report.html").read() \
         or "resolves to" in result["failure_examples"]["unsafe_address"]
+    # Nothing downloaded: the next stage stops with a clear error, so training never starts.
+    from components.filter_shard import run_filter_shard
+
+    with pytest.raises(ValueError, match=r"no \.tar shards|hold no samples") as err:
+        run_filter_shard(str(tmp_path / "out"), str(tmp_path / "filtered"))
+    assert str(tmp_path / "out") in str(err.value)
 
 
 def test_bad_url_list_fails_before_any_work(tmp_path):
