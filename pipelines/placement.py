@@ -12,7 +12,9 @@ are (``pipeline.yaml``, ``clipa run``), every step is its plain component. Compi
 - untouched,
 
 and each step's container image is the placement's data or train image (images are
-compile-time parameters). Presets: ``PLACEMENTS``.
+compile-time parameters). A sub-pipeline step (``download``) gets the image and task
+settings on each of its inner containers. ``step_args`` add component arguments per step
+(``with_dataflow``: filter_shard's Beam runner on Dataflow). Presets: ``PLACEMENTS``.
 """
 from __future__ import annotations
 
