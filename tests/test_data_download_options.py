@@ -173,7 +173,7 @@ def test_every_option_is_exposed_everywhere_with_img2datasets_robots_default(cap
     part_params = set(inspect.signature(download_part.python_func).parameters)
     assert fields <= pipeline_params
     assert fields - {"samples_per_shard"} <= part_params  # the split fixes samples_per_shard
-    for name in fields:  # the command line, with the same defaults
+    for name in fields:  # the sub-pipeline defaults to DownloadOptions
         default = DownloadOptions.__dataclass_fields__[name].default
         assert inspect.signature(download.pipeline_func).parameters[name].default == default, name
     with pytest.raises(SystemExit):
