@@ -170,3 +170,23 @@ def test_checkpoint_of_another_architecture_is_refused_naming_it():
                                                          "vision_width": 64}), 84, 8)
     with pytest.raises(ConfigError, match="another architecture.*visual"):
         load_weights(small, other.state_dict(), source="init.pt")
+
+
+def test_image_tower_is_clipa_v2_bias_free_no_pre_ln_average_pooled_then_ln():
+    torch.manual_seed(0)
+    model = build_model("tiny", 84, 8).eval()
+    visual = model.visual
+    assert visual.conv1.bias is None  # bias-free patch embedding
+    assert isinstance(visual.ln_pre, torch.nn.Identity)  # no LayerNorm before the encoder
+    x = torch.randn(2, 3, 84, 84)
+    with torch.no_grad():
+        # By hand: patches + class token + sin-cos table -> encoder -> mean of the patch
+        # tokens (class token excluded) -> LayerNorm -> projection.
+        patches = visual.conv1(x).flatten(2).transpose(1, 2)  # (B, 36, C)
+        cls = visual.class_embedding.expand(2, 1, -1)
+        tokens = torch.cat([cls, patches], dim=1) + visual.positional_embedding  # (B, 37, C)
+        out = visual.transformer(tokens)
+        expected = visual.ln_post(out[:, 1:].mean(dim=1)) @ visual.proj  # (B, D)
+        torch.testing.assert_close(model.encode_image(x), expected, rtol=1e-5, atol=1e-5)
+        # The class token is not what is pooled: changing its output changes nothing else.
+        assert not torch.allclose(visual.ln_post(out[:, 0]) @ visual.proj, expected, atol=1e-3)

@@ -67,6 +67,10 @@ def test_training_reduces_loss_and_writes_a_complete_model_artifact(shards, tmp_
     assert StageConfig.from_dict(json.loads(open(os.path.join(out, "stage_config.json")).read()))
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert "visual.conv1.weight" in state
+    # The resolved config sits next to the checkpoints and in the artifact.
+    resolved = json.load(open(os.path.join(out, "checkpoints", "resolved_config.json")))
+    assert resolved == json.load(open(os.path.join(out, "resolved_config.json")))
+    assert (resolved["steps"], resolved["per_rank_batch"], resolved["image_tokens"]) == (30, 16, 5)
 
 
 def test_finetune_starts_from_the_init_model(shards, tmp_path):
