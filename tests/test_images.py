@@ -8,8 +8,8 @@ import yaml
 from pipelines.placement import PLACEMENTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCKERFILES = {"clipa-data": "docker/data.Dockerfile", "clipa-train": "docker/train.Dockerfile",
-               "clipa-train-tpu": "docker/train-tpu.Dockerfile"}
+DOCKERFILES = {"clipa-data": "containers/data.Dockerfile", "clipa-train": "containers/train.Dockerfile",
+               "clipa-train-tpu": "containers/train-tpu.Dockerfile"}
 
 
 def _read(path: str) -> str:

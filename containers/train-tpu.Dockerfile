@@ -2,7 +2,7 @@
 # pinned by tests/xla/requirements.txt, the XLA test lane's environment. The project then
 # installs with constraints.txt minus its torch / torchvision pins, so every other package
 # (kfp included) is at the version the tests use.
-#   docker build -f docker/train-tpu.Dockerfile -t REGISTRY/clipa-train-tpu:0.1.0 .
+#   docker build -f containers/train-tpu.Dockerfile -t REGISTRY/clipa-train-tpu:0.1.0 .
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \

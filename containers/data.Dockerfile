@@ -2,7 +2,7 @@
 # record_history. This repository installed from its pyproject with the exact pins of
 # constraints.txt, the same ones the tests install; kfp comes with it, so components run
 # with install_kfp_package=False. Build from the repository root (see cloudbuild.yaml):
-#   docker build -f docker/data.Dockerfile -t REGISTRY/clipa-data:0.1.0 .
+#   docker build -f containers/data.Dockerfile -t REGISTRY/clipa-data:0.1.0 .
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -1,7 +1,7 @@
 # The training image (CUDA): pretrain, finetune, evaluate and benchmark on NVIDIA GPUs.
 # torch from PyPI's Linux wheel, which bundles the CUDA runtime (the host supplies the
 # driver); the pin is constraints.txt's, the one the tests run. kfp comes with the project.
-#   docker build -f docker/train.Dockerfile -t REGISTRY/clipa-train:0.1.0 .
+#   docker build -f containers/train.Dockerfile -t REGISTRY/clipa-train:0.1.0 .
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
