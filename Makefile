@@ -40,6 +40,7 @@ test-xla: $(XLA_STAMP)
 
 compile: $(STAMP)
 	$(VENV)/bin/clipa compile --output pipeline.yaml
+	$(VENV)/bin/clipa compile --pipeline eval --output eval_pipeline.yaml
 
 clean:
 	rm -rf runs build
