@@ -56,7 +56,7 @@ def _log_metrics(metrics, result: dict) -> None:
 @clipa_component(TRAIN_IMAGE)
 def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
              preset: str = "tiny", image_size: int = 84, text_len: int = 8,
-             samples: int = 96_000, batch_size: int = 32, lr: float = 7e-4, seed: int = 0):
+             samples: int = 40_000, batch_size: int = 32, lr: float = 7e-4, seed: int = 0):
     """CLIPA pretraining at low resolution and few text tokens, from scratch.
 
     Outputs:
@@ -73,9 +73,9 @@ def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
 
 @clipa_component(TRAIN_IMAGE)
 def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model],
-             metrics: Output[Metrics], image_size: int = 224, text_len: int = 32,
-             mask_ratio: float = 0.3, samples: int = 1_536, batch_size: int = 32,
-             lr: float = 1e-4, seed: int = 0):
+             metrics: Output[Metrics], image_size: int = 224, text_len: int = 16,
+             mask_ratio: float = 0.3, samples: int = 6_000, batch_size: int = 32,
+             lr: float = 3e-4, seed: int = 0):
     """CLIPA finetuning at higher resolution with random patch masking.
 
     Outputs:

@@ -11,9 +11,10 @@ Why textures that fill the image, not one shape on a background (measured on the
 recipe, tiny ViT, 500 held-out images): single shapes reached 26% top-1 after 84 px
 pretraining and *lost* accuracy in the 224 / 336 px finetunes, because a 14-px patch of a
 big outline looks different at each resolution; small centred patterns reached 39%. Full
-textures give every patch evidence of the class at every resolution and every crop
-(66% after pretraining), and their finest scales only resolve at 224 px and above, so the
-finetunes have something to add, as with natural images.
+textures give every patch evidence of the class at every resolution and every crop, and
+their finest scales only resolve at 224 px and above, so the finetunes have something to
+add, as with natural images. The demo renders (and downloads) at 336 px, the last
+finetune's size: at 256 px that stage only saw upsampled pixels.
 
 ``write_demo_images`` feeds the download step (served over HTTP by the demo server);
 ``write_eval_set`` writes the held-out labelled set that the evaluate step reads. Image i
@@ -67,9 +68,11 @@ _MIN_CONTRAST = 120.0
 _PREFIXES = ["a photo of", "a drawing of", "a picture of", "an image of", "a sketch of",
              "a render of", "clip art of", "an illustration of"]
 # Periods across the image side, drawn log-uniformly within the caption's scale word. At
-# 84 px the finest ones are 5-6 px per period: visible, but their small stars and crosses
-# only take shape at 224 px and above.
-_SCALES = {"bold": (2.5, 4.5), "fine": (4.5, 8.0)}
+# 84 px the finest lattices have 7 px cells: their stars, crosses and dots blur into one
+# another, and only take shape at 224 px (19 px cells) and 336 px (28 px). Bold ones stay
+# under ~100 px per period at 336 px, so the tiny ViT's 14 px patches still see a good part
+# of a period (measured: bolder textures lost accuracy in the 336 px finetune).
+_SCALES = {"bold": (3.5, 6.0), "fine": (6.0, 12.0)}
 _MAX_ROTATION = 0.2  # radians either way
 _BG_NOISE, _FG_NOISE = 24.0, 10.0  # max per-pixel noise std (grey levels)
 

@@ -43,10 +43,10 @@ def prepare_demo_data(workdir: str, recipe: recipes.Recipe, seed: int = 0) -> di
     from pipelines.demo_data import write_demo_images, write_eval_set
 
     www = os.path.join(workdir, "www")
-    samples = write_demo_images(www, recipe.n_train, seed=seed)
+    samples = write_demo_images(www, recipe.n_train, seed=seed, size=recipe.image_px)
     eval_dir = os.path.join(workdir, "eval_set")
     # A different seed stream: no eval image is ever a training image.
-    write_eval_set(eval_dir, recipe.eval_per_class, seed=seed + 10_000)
+    write_eval_set(eval_dir, recipe.eval_per_class, seed=seed + 10_000, size=recipe.image_px)
     return {"www": www, "samples": samples, "eval_set": eval_dir}
 
 

@@ -45,6 +45,8 @@ _F336 = recipes.DEMO.stages["finetune_336"]
 def pipeline_arguments(recipe: recipes.Recipe) -> dict:
     """The pipeline parameters that run ``recipe``'s training stages."""
     args = {"preset": recipe.preset}
+    if recipe.n_train > 0:  # a demo recipe: download at the size its images were rendered
+        args["download_image_size"] = recipe.image_px
     for stage, prefix in STAGE_PREFIX.items():
         cfg = recipe.stages[stage]
         for field in STAGE_FIELDS:
@@ -61,7 +63,7 @@ def clipa_training(
     eval_set: str,
     preset: str = recipes.DEMO.preset,
     seed: int = 0,
-    download_image_size: int = 256,
+    download_image_size: int = recipes.DEMO.image_px,
     download_processes: int = 1,
     download_threads: int = 16,
     download_parts: int = 1,
