@@ -73,3 +73,15 @@ def use_emulator_in_child(endpoint: str) -> None:
     for proto in ("gs", "gcs"):
         fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
     fsspec.config.conf["gcs"] = {"endpoint_url": endpoint, "token": "anon"}
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """The emulator for one test; child processes (img2dataset's spawned workers) reach it
+    through fsspec's FSSPEC_GCS environment variable. Yields the gcsfs filesystem."""
+    import json
+
+    with start_emulator() as (fs, endpoint):
+        monkeypatch.setenv("FSSPEC_GCS", json.dumps({"endpoint_url": endpoint, "token": "anon"}))
+        monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        yield fs

@@ -3,12 +3,10 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import fsspec
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from clipa_model.config import ConfigError
 from clipa_model.recipes import DEMO
 from components.train import run_train_stage
 from pipelines.demo_data import write_demo_images, write_filtered_shards
+from gcs_emulator import gcs  # noqa: F401 - the GCS emulator fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
@@ -107,43 +106,6 @@ def test_resume_refuses_another_stage_config_or_architecture(shards, tmp_path):
         run_train_stage(shards, out, stage, preset="tiny", checkpoint_dir=ckpt)
     with pytest.raises(ConfigError, match="StageConfig.lr="):
         run_train_stage(shards, out, stage.replace(lr=5e-4), preset="tiny", checkpoint_dir=ckpt)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-    """A GCS emulator on loopback; gs:// URLs reach it through fsspec's config."""
-    gcsfs = pytest.importorskip("gcsfs")
-    emulator = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-    if not os.path.exists(emulator):
-        pytest.skip("gcp-storage-emulator is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([emulator, "start", "-H", "127.0.0.1", "--port", str(port),
-                             "--default-bucket", "bkt", "-q", "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    original = fsspec.get_filesystem_class("gs")  # avoid gcsfs's 60 s gRPC bucket probe
-    try:
-        deadline = time.monotonic() + 20
-        while not _listening(port):
-            assert time.monotonic() < deadline and proc.poll() is None, "GCS emulator did not start"
-            time.sleep(0.1)
-        for proto in ("gs", "gcs"):
-            fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
-        monkeypatch.setitem(fsspec.config.conf, "gcs",
-                            {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon"})
-        yield fsspec.filesystem("gs")
-    finally:
-        for proto in ("gs", "gcs"):
-            fsspec.register_implementation(proto, original, clobber=True)
-        gcsfs.core.GCSFileSystem.clear_instance_cache()
-        proc.terminate()
-        proc.wait()
 
 
 def test_checkpoints_on_gs(gcs):

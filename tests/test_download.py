@@ -28,7 +28,7 @@ from components.download import UrlListError, failure_reason, read_url_list, run
 from components.download_stats import metrics
 from pipelines.demo_server import BAD_KINDS, serve_directory, write_url_list
 from test_data_download_options import serve_with_headers
-from test_filter_shard import gcs  # noqa: F401 - the GCS emulator fixture
+from gcs_emulator import gcs  # noqa: F401 - the GCS emulator fixture
 
 N_GOOD = 40
 ALLOW = "127.0.0.1/32"  # the loopback server; everything else private stays refused

@@ -15,16 +15,11 @@ import io
 import json
 import os
 import resource
-import socket
 import struct
-import subprocess
-import sys
 import tarfile
-import time
 import zlib
 from pathlib import Path
 
-import fsspec
 import pytest
 from PIL import Image
 
@@ -33,6 +28,7 @@ from components.filter_samples import (
     REASONS, FilterConfig, SampleInfo, TruncatedShardError, check_sample, iter_tar_samples, pack_spans,
     plan_shards, read_spans, sort_order, write_shard_tar)
 from components.filter_shard import filter_shard, main, run_filter_shard
+from gcs_emulator import gcs  # noqa: F401 - the GCS emulator fixture
 
 SPS = 8  # samples per output shard
 GOOD = 7 + 1 + 7 + 6
@@ -410,47 +406,6 @@ def test_command_line(input_dir, tmp_path, capsys):
           "--no-dedup", "--option", "direct_num_workers=1"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["count"] == GOOD + 1 and printed["settings"]["dedup_sha256"] is False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-    """A GCS emulator on loopback; gs:// URLs reach it through fsspec's config."""
-    gcsfs = pytest.importorskip("gcsfs")
-    emulator = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-    if not os.path.exists(emulator):
-        pytest.skip("gcp-storage-emulator is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([emulator, "start", "-H", "127.0.0.1", "--port", str(port), "--default-bucket", "bkt",
-                             "-q", "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # gcsfs's default (extended) class first probes each bucket over gRPC, which waits
-    # ~60 s against an emulator: gs:// goes to the core class for this test.
-    original = fsspec.get_filesystem_class("gs")
-    try:
-        deadline = time.monotonic() + 20
-        while not _listening(port):
-            assert time.monotonic() < deadline and proc.poll() is None, "GCS emulator did not start"
-            time.sleep(0.1)
-        for proto in ("gs", "gcs"):
-            fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
-        conf = {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon"}
-        monkeypatch.setitem(fsspec.config.conf, "gcs", conf)
-        # Subprocesses (img2dataset's spawned workers) read the same from the environment.
-        monkeypatch.setenv("FSSPEC_GCS", json.dumps(conf))
-        monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        yield fsspec.filesystem("gs")
-    finally:
-        for proto in ("gs", "gcs"):
-            fsspec.register_implementation(proto, original, clobber=True)
-        gcsfs.core.GCSFileSystem.clear_instance_cache()
-        proc.terminate()
-        proc.wait()
 
 
 def test_reads_and_writes_gs_urls(gcs, input_dir):
