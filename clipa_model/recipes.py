@@ -2,8 +2,9 @@
 
 ``DEMO`` trains the ``tiny`` preset on the synthetic texture data (pipelines/demo_data.py)
 on a 2-core CPU in about 5 minutes of training (zero-shot top-1 on its 10 held-out
-classes, measured in a tuning run: 50% after pretraining, 56% after the 224 px and 58%
-after the 336 px finetune); ``SMOKE`` is the same code path shrunk to run end to end in
+classes: 50% / 56% / 58% after pretraining / the 224 px / the 336 px finetune in a tuning
+run, 52% / 49% / 49% in a full ``make demo``: the finetunes' effect varies from run to run,
+see the README); ``SMOKE`` is the same code path shrunk to run end to end in
 about a minute (accuracy irrelevant). The paper's schedules (``PAPER_*``,
 never run here) are typed stage configs built by ``paper_stage``: peak LR = base x batch /
 256, warmup in steps; ``clipa plan RECIPE`` prices them.
@@ -65,7 +66,8 @@ DEMO = Recipe(
         # Finetunes: 16 tokens, not CLIPA's 32. The demo captions fit in 16, and the text
         # tower pools its last position, which at 32 is padding for every caption (measured
         # at 224 px: 55.0% top-1 with 16, 53.0% with 32). LRs and lengths from a sweep on
-        # the demo data: 1.5k samples at 1e-4 added 2 points at 224 px, 6k at 3e-4 added 6-10.
+        # the demo data: 1.5k samples at 1e-4 added 2 points at 224 px, 6k at 3e-4 added 6-10
+        # from the sweep's checkpoints (and lost 2-4 from another run's: see the README).
         "finetune_224": StageConfig(stage="finetune_224", image_size=224, text_len=16,
                                     mask_ratio=0.3, samples=6_000, batch_size=32, lr=3e-4,
                                     warmup_frac=0.1, crop_scale=(0.5, 1.0), log_every=20,

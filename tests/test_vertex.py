@@ -8,6 +8,7 @@ resource manager (its bucket-ownership check); the tests replace
 """
 import json
 import logging
+import re
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
@@ -176,7 +177,9 @@ def test_schedule_create_list_pause_resume_delete(vertex, capsys):
     assert f"created {name}" in capsys.readouterr().out
 
     assert main(["schedule", "list", *WHERE]) == 0
-    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    # Objects anywhere in the output: a thread left by an earlier test (img2dataset's
+    # progress) can write to the captured stdout on the same line.
+    listed = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", capsys.readouterr().out)]
     assert listed == [{"name": name, "display_name": "clipa-benchmarks",
                        "cron": "TZ=Europe/Paris 30 3 * * MON", "state": "ACTIVE"}]
     assert main(["schedule", "pause", "1", *WHERE]) == 0
