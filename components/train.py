@@ -56,8 +56,13 @@ def _log_metrics(metrics, result: dict) -> None:
 @clipa_component(TRAIN_IMAGE)
 def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
              preset: str = "tiny", image_size: int = 84, text_len: int = 8,
-             samples: int = 40_000, batch_size: int = 32, lr: float = 7e-4, seed: int = 0):
+             samples: int = 40_000, batch_size: int = 32, lr: float = 7e-4, seed: int = 0,
+             loader_workers: int = 1, torch_threads: int = 1):
     """CLIPA pretraining at low resolution and few text tokens, from scratch.
+
+    ``loader_workers`` / ``torch_threads``: data loader processes per training process and
+    torch intra-op threads (0 = all cores); the defaults suit the 2-core demo machine, a
+    GPU machine wants e.g. 8 workers per GPU.
 
     Outputs:
         model: Model artifact folder (checkpoint.pt, model_config.json, ...).
@@ -67,7 +72,8 @@ def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
     from components.train import _log_metrics, run_train_stage
 
     stage = DEMO["pretrain"].replace(image_size=image_size, text_len=text_len, samples=samples,
-                                     batch_size=batch_size, lr=lr, seed=seed)
+                                     batch_size=batch_size, lr=lr, seed=seed,
+                                     num_workers=loader_workers, num_threads=torch_threads)
     _log_metrics(metrics, run_train_stage(data.path, model.path, stage, preset=preset))
 
 
@@ -75,8 +81,10 @@ def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
 def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model],
              metrics: Output[Metrics], image_size: int = 224, text_len: int = 16,
              mask_ratio: float = 0.3, samples: int = 6_000, batch_size: int = 32,
-             lr: float = 3e-4, seed: int = 0):
+             lr: float = 3e-4, seed: int = 0, loader_workers: int = 1, torch_threads: int = 1):
     """CLIPA finetuning at higher resolution with random patch masking.
+
+    ``loader_workers`` / ``torch_threads``: as in ``pretrain``.
 
     Outputs:
         model: Model artifact folder, same preset as ``init_model``.
@@ -86,7 +94,8 @@ def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model
     from components.train import _log_metrics, run_train_stage
 
     stage = finetune_stage(image_size, text_len=text_len, mask_ratio=mask_ratio,
-                           samples=samples, batch_size=batch_size, lr=lr, seed=seed)
+                           samples=samples, batch_size=batch_size, lr=lr, seed=seed,
+                           num_workers=loader_workers, num_threads=torch_threads)
     _log_metrics(metrics, run_train_stage(data.path, model.path, stage,
                                           init_model_dir=init_model.path))
 

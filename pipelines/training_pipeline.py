@@ -89,12 +89,17 @@ def clipa_training(
     ft336_samples: int = _F336.samples,
     ft336_batch_size: int = _F336.batch_size,
     ft336_lr: float = _F336.lr,
+    train_loader_workers: int = _PRE.num_workers,
+    train_torch_threads: int = _PRE.num_threads,
 ) -> Artifact:
     """Train a CLIPA model from ``url_list`` and evaluate it zero-shot on ``eval_set``.
 
     Args:
         url_list: URL list file (parquet, csv or jsonl with url and caption columns).
         eval_set: folder of a labelled zero-shot evaluation set (see docs/ARTIFACTS.md).
+        train_loader_workers, train_torch_threads: data loader processes and torch threads
+            (0 = all cores) of each training process; the defaults fit a 2-core CPU, a GPU
+            machine wants e.g. 8 workers per GPU and 0 threads.
     Returns:
         The run summary (JSON); its HTML twin is the ``summarize`` task's report.
     """
@@ -113,15 +118,18 @@ def clipa_training(
 
     pre = pretrain(data=data, preset=preset, image_size=pretrain_image_size,
                    text_len=pretrain_text_len, samples=pretrain_samples,
-                   batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed)
+                   batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed,
+                   loader_workers=train_loader_workers, torch_threads=train_torch_threads)
     pre.set_display_name("pretrain-84")
     f224 = finetune(data=data, init_model=pre.outputs["model"], image_size=ft224_image_size,
                     text_len=ft224_text_len, mask_ratio=ft224_mask_ratio, samples=ft224_samples,
-                    batch_size=ft224_batch_size, lr=ft224_lr, seed=seed)
+                    batch_size=ft224_batch_size, lr=ft224_lr, seed=seed,
+                    loader_workers=train_loader_workers, torch_threads=train_torch_threads)
     f224.set_display_name("finetune-224")
     f336 = finetune(data=data, init_model=f224.outputs["model"], image_size=ft336_image_size,
                     text_len=ft336_text_len, mask_ratio=ft336_mask_ratio, samples=ft336_samples,
-                    batch_size=ft336_batch_size, lr=ft336_lr, seed=seed)
+                    batch_size=ft336_batch_size, lr=ft336_lr, seed=seed,
+                    loader_workers=train_loader_workers, torch_threads=train_torch_threads)
     f336.set_display_name("finetune-336")
 
     evals = []

@@ -113,10 +113,14 @@ def test_component_defaults_are_the_demo_recipe():
     pre, ft = DEMO["pretrain"], DEMO["finetune_224"]
     assert _defaults(pretrain) == dict(preset=DEMO.preset, image_size=pre.image_size,
                                        text_len=pre.text_len, samples=pre.samples,
-                                       batch_size=pre.batch_size, lr=pre.lr, seed=0)
+                                       batch_size=pre.batch_size, lr=pre.lr, seed=0,
+                                       loader_workers=pre.num_workers,
+                                       torch_threads=pre.num_threads)
     assert _defaults(finetune) == dict(image_size=ft.image_size, text_len=ft.text_len,
                                        mask_ratio=ft.mask_ratio, samples=ft.samples,
-                                       batch_size=ft.batch_size, lr=ft.lr, seed=0)
+                                       batch_size=ft.batch_size, lr=ft.lr, seed=0,
+                                       loader_workers=ft.num_workers,
+                                       torch_threads=ft.num_threads)
 
 
 def test_smoke_recipe_is_a_smaller_demo():
