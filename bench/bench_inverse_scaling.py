@@ -79,14 +79,12 @@ def arms(args) -> dict[str, list[StageConfig]]:
 
 def make_data(root: str, args) -> tuple[str, str]:
     """Demo training shards and a held-out eval set (pipelines/demo_data.py)."""
-    from pipelines.demo_data import write_demo_images, write_eval_set, write_filtered_shards
+    from pipelines.demo_data import write_demo_shards, write_eval_set
 
-    rows = write_demo_images(os.path.join(root, "raw"), args.n_train, seed=args.seed,
-                             size=args.image_px)
-    write_filtered_shards(os.path.join(root, "shards"), rows, os.path.join(root, "raw"))
+    shards = write_demo_shards(root, args.n_train, seed=args.seed, size=args.image_px)
     write_eval_set(os.path.join(root, "eval"), args.eval_per_class, seed=args.seed,
                    size=args.image_px)
-    return os.path.join(root, "shards"), os.path.join(root, "eval")
+    return shards, os.path.join(root, "eval")
 
 
 def zero_shot(model_dir: str, eval_dir: str, out_dir: str) -> dict:

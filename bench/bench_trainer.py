@@ -25,13 +25,10 @@ MODEL_NAME = "clipa-bench-tiny"
 
 def make_shards(root: str, n: int) -> tuple[str, int]:
     """Demo images (256 px JPEGs, like the download step makes) as filtered shards."""
-    from pipelines.demo_data import write_demo_images, write_filtered_shards
+    from pipelines.demo_data import write_demo_shards
 
-    rows = write_demo_images(os.path.join(root, "raw"), n, seed=0, size=256)
-    write_filtered_shards(os.path.join(root, "shards"), rows, os.path.join(root, "raw"),
-                          shard_size=256)
-    shards = sorted(f for f in os.listdir(os.path.join(root, "shards")) if f.endswith(".tar"))
-    return os.path.join(root, "shards"), len(shards)
+    folder = write_demo_shards(root, n, seed=0, size=256, shard_size=256)
+    return folder, sum(f.endswith(".tar") for f in os.listdir(folder))
 
 
 def run_ours(args) -> float:

@@ -413,3 +413,18 @@ def write_filtered_shards(out_dir: str, rows: list[dict], root: str,
     write_json_atomic(os.path.join(out_dir, "sizes.json"), {s["name"]: s["count"] for s in shards})
     return write_marker(out_dir, "filtered_shards", count=len(rows), input_count=len(rows),
                         dropped={}, shards=len(shards), seconds=0.0)
+
+
+def write_demo_shards(root: str, n: int, seed: int = 0, size: int = 256,
+                      shard_size: int = 256) -> str:
+    """Render ``n`` demo images under ``root/raw`` and pack them as ``root/shards``.
+
+    The training stages' input without download and filter (tests, benchmarks, tuning).
+
+    Returns:
+        The ``filtered_shards`` folder.
+    """
+    raw, shards = os.path.join(root, "raw"), os.path.join(root, "shards")
+    write_filtered_shards(shards, write_demo_images(raw, n, seed=seed, size=size), raw,
+                          shard_size=shard_size)
+    return shards

@@ -14,7 +14,7 @@ from clipa_model import resume
 from clipa_model.config import ConfigError
 from clipa_model.recipes import DEMO
 from components.train import run_train_stage
-from pipelines.demo_data import write_demo_images, write_filtered_shards
+from pipelines.demo_data import write_demo_shards
 from gcs_emulator import gcs  # noqa: F401 - the GCS emulator fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +29,7 @@ OVERRIDES = {"image_size": 28, "text_len": 8, "samples": 16 * STEPS, "batch_size
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    rows = write_demo_images(str(root / "raw"), 40, seed=1, size=64)
-    write_filtered_shards(str(root / "shards"), rows, str(root / "raw"), shard_size=16)
-    return str(root / "shards")
+    return write_demo_shards(str(root), 40, seed=1, size=64, shard_size=16)
 
 
 def _stage(**kw):

@@ -18,15 +18,13 @@ from clipa_model.model import build_model, get_tokenizer
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD
 from clipa_model.train import make_optimizer, summarize, train_loop
 from clipa_model.trainer import train_stage
-from pipelines.demo_data import write_demo_images, write_filtered_shards
+from pipelines.demo_data import write_demo_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("cfg")
-    rows = write_demo_images(str(root / "raw"), 16, seed=2, size=48)
-    write_filtered_shards(str(root / "shards"), rows, str(root / "raw"), shard_size=16)
-    return str(root / "shards")
+    return write_demo_shards(str(root), 16, seed=2, size=48, shard_size=16)
 
 
 def _stage(**kw) -> StageConfig:

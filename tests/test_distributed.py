@@ -145,19 +145,18 @@ def test_consumers_partition_the_shards_and_never_run_dry():
 
 def test_every_rank_gets_the_same_number_of_batches(tmp_path):
     from clipa_model.model import get_tokenizer
-    from pipelines.demo_data import write_demo_images, write_filtered_shards
+    from pipelines.demo_data import write_demo_shards
 
-    rows = write_demo_images(str(tmp_path / "raw"), 24, seed=0, size=48)
-    write_filtered_shards(str(tmp_path / "sh"), rows, str(tmp_path / "raw"), shard_size=16)
+    shards = write_demo_shards(str(tmp_path), 24, seed=0, size=48, shard_size=16)
     tok = get_tokenizer("tiny", 8)
     per_rank = []
     for rank in range(3):  # 3 ranks, 2 shards of 16 and 8 samples
-        batches = list(train_batches(str(tmp_path / "sh"), 28, 4, 5, tok, (0.8, 1.0), seed=0,
+        batches = list(train_batches(shards, 28, 4, 5, tok, (0.8, 1.0), seed=0,
                                      rank=rank, world_size=3))
         per_rank.append(batches)
         assert len(batches) == 5 and all(b[0].shape == (4, 3, 28, 28) for b in batches)
     assert not torch.equal(per_rank[0][0][0], per_rank[1][0][0])  # ranks see other samples
-    resumed = list(train_batches(str(tmp_path / "sh"), 28, 4, 5, tok, (0.8, 1.0), seed=0,
+    resumed = list(train_batches(shards, 28, 4, 5, tok, (0.8, 1.0), seed=0,
                                  rank=1, world_size=3, start_step=3))
     assert len(resumed) == 2
     for (a_im, a_tok), (b_im, b_tok) in zip(resumed, per_rank[1][3:]):

@@ -12,16 +12,14 @@ from clipa_model.config import ConfigError, StageConfig
 from clipa_model.recipes import DEMO, SMOKE
 from clipa_model.train import lr_at
 from components.train import finetune, pretrain, run_train_stage
-from pipelines.demo_data import write_demo_images, write_filtered_shards
+from pipelines.demo_data import write_demo_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """32 small captioned images as a filtered_shards artifact (2 shards)."""
     root = tmp_path_factory.mktemp("demo")
-    rows = write_demo_images(str(root / "raw"), 32, seed=0, size=64)
-    write_filtered_shards(str(root / "shards"), rows, str(root / "raw"), shard_size=16)
-    return str(root / "shards")
+    return write_demo_shards(str(root), 32, seed=0, size=64, shard_size=16)
 
 
 def _stage(**kw) -> StageConfig:

@@ -19,7 +19,7 @@ from clipa_model.model import build_model, get_tokenizer
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD
 from clipa_model.train import train_loop
 from clipa_model.trainer import train_stage
-from pipelines.demo_data import write_demo_images, write_filtered_shards
+from pipelines.demo_data import write_demo_shards
 
 STEPS, LOG_EVERY = 6, 3
 
@@ -52,13 +52,12 @@ def test_train_loop_compiles_once_and_syncs_only_at_log_steps():
 
 
 def test_a_whole_stage_on_xla_writes_the_model_artifact(tmp_path):
-    rows = write_demo_images(str(tmp_path / "raw"), 24, seed=0, size=48)
-    write_filtered_shards(str(tmp_path / "shards"), rows, str(tmp_path / "raw"), shard_size=16)
+    shards = write_demo_shards(str(tmp_path), 24, seed=0, size=48, shard_size=16)
     stage = StageConfig(stage="pretrain", image_size=28, text_len=8, samples=8 * 4, batch_size=8,
                         lr=1e-3, precision="fp32", device="xla", log_every=2, num_threads=1,
                         checkpoint_every=2, checkpoint_minutes=0, crop_scale=(0.8, 1.0))
     out = str(tmp_path / "model")
-    result = train_stage(str(tmp_path / "shards"), out, stage, preset="tiny",
+    result = train_stage(shards, out, stage, preset="tiny",
                          dist_env=DistEnv())
     assert result["steps"] == 4 and result["kind"] == "model"
     resolved = json.load(open(os.path.join(out, "resolved_config.json")))
