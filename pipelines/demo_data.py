@@ -12,9 +12,10 @@ recipe, tiny ViT, 500 held-out images): single shapes reached 26% top-1 after 84
 pretraining and *lost* accuracy in the 224 / 336 px finetunes, because a 14-px patch of a
 big outline looks different at each resolution; small centred patterns reached 39%. Full
 textures give every patch evidence of the class at every resolution and every crop, and
-their finest scales only resolve at 224 px and above, so the finetunes have something to
-add, as with natural images. The demo renders (and downloads) at 336 px, the last
-finetune's size: at 256 px that stage only saw upsampled pixels.
+their lattices (stars, crosses, triangles, dots) only take shape at 224 px and above, so
+the finetunes have something to add, as with natural images. The demo renders (and
+downloads) at 336 px, the last finetune's size: at 256 px that stage only saw upsampled
+pixels.
 
 ``write_demo_images`` feeds the download step (served over HTTP by the demo server);
 ``write_eval_set`` writes the held-out labelled set that the evaluate step reads. Image i
@@ -67,12 +68,14 @@ _MIN_CONTRAST = 120.0
 
 _PREFIXES = ["a photo of", "a drawing of", "a picture of", "an image of", "a sketch of",
              "a render of", "clip art of", "an illustration of"]
-# Periods across the image side, drawn log-uniformly within the caption's scale word. At
-# 84 px the finest lattices have 7 px cells: their stars, crosses and dots blur into one
-# another, and only take shape at 224 px (19 px cells) and 336 px (28 px). Bold ones stay
-# under ~100 px per period at 336 px, so the tiny ViT's 14 px patches still see a good part
-# of a period (measured: bolder textures lost accuracy in the 336 px finetune).
-_SCALES = {"bold": (3.5, 6.0), "fine": (6.0, 12.0)}
+# Periods across the image side, drawn log-uniformly within the caption's scale word: 6 to
+# 13, so 6-14 px per period at 84 px. Stripes, rings and checkerboards resolve there, but a
+# lattice's stars, crosses, triangles and dots are 3-6 px blobs that take shape only at
+# 224 px (17-37 px cells) and 336 px. Measured with the DEMO recipe, final vs pretraining
+# top-1: coarser textures (3.5 to 12 periods) gave +7.4 and -2.8 points in two runs, the
+# pretraining having seen most of what there is; 6 to 13 gave +5.6 to +11.8 in four runs
+# of six, and in the other two the 224 px finetune lost 4 to 6 points (clipa_model/recipes.py).
+_SCALES = {"bold": (6.0, 9.0), "fine": (9.0, 13.0)}
 _MAX_ROTATION = 0.2  # radians either way
 _BG_NOISE, _FG_NOISE = 24.0, 10.0  # max per-pixel noise std (grey levels)
 

@@ -46,7 +46,7 @@ def pipeline_arguments(recipe: recipes.Recipe) -> dict:
     """The pipeline parameters that run ``recipe``'s training stages."""
     args = {"preset": recipe.preset}
     if recipe.n_train > 0:  # a demo recipe: download at the size its images were rendered
-        args["download_image_size"] = recipe.image_px
+        args.update(download_image_size=recipe.image_px, seed=recipe.seed)
     for stage, prefix in STAGE_PREFIX.items():
         cfg = recipe.stages[stage]
         for field in STAGE_FIELDS:
