@@ -6,9 +6,9 @@ briefly at full resolution reaches similar or better zero-shot accuracy for a fr
 compute. Here both arms get one FLOPs budget, counted by the planner's counter
 (``planner.plan_stage``: matmul FLOPs from the token counts, x3 for the backward pass):
 
-- clipa:    pretrain at 84 px / 8 tokens, then finetune at 224 px / 32 tokens / 30% masked;
-            its FLOPs set the budget.
-- 224-only: the same model from scratch at 224 px / 32 tokens, no masking, as many samples
+- clipa:    pretrain at 84 px / 8 tokens, then finetune at 224 px / 16 tokens (the demo
+            recipe's) / 30% masked; its FLOPs set the budget.
+- 224-only: the same model from scratch at 224 px / 16 tokens, no masking, as many samples
             as the budget buys (``--baseline-scale`` multiplies its budget).
 
 Hyper-parameters come from the demo recipe (``recipes.DEMO``: batch, LR, warmup, crops); the
@@ -23,14 +23,16 @@ labelled set; the 84 px model before its finetune is evaluated too. Every stage 
     python bench/bench_inverse_scaling.py --baseline-scale 4 --arms 224-only   # how much
                                                                # compute 224 px alone needs
 
-Measured on this project's shared 2-core CPU (defaults, load average ~3): clipa 13.0 TFLOP,
-57.7% top-1 / 97.7% top-5 (57.0% after the 84 px stage alone); 224-only 13.0 TFLOP, 10.7% /
-53.0% (chance 10%); 579 s in all. With 4x the budget (52.2 TFLOP, 28,768 samples, 724 s)
-224-only still reaches 11.3% / 52.3%, and with 8 text tokens instead of 32 at 1x, 11.3% /
-50.3%: the image resolution, not the text length, makes the difference here. Its contrastive
-loss does fall (to ~2.3, below the 84 px run's at the same step): from scratch at 224 px the
-tiny model first matches captions by colour and background, which zero-shot prompts never
-name, and learns no textures within these budgets.
+Measured on this project's 2-core CPU (defaults, idle) with the demo's fine textures (6 to
+13 periods per side): clipa 12.95 TFLOP, 67.3% top-1 / 99.3% top-5 (72.3% after the 84 px
+stage: this short 2,048-sample finetune lost 5 points, see the README on finetune variance);
+224-only 12.93 TFLOP (7,296 samples), 8.0% / 50.3% (chance 10%); 383 s in all. On the
+earlier, coarser textures (3.5 to 12 periods): 57.7% vs 10.7%, and 224-only with 4x the
+budget (52.2 TFLOP, 724 s) still reached 11.3% / 52.3%, with 8 text tokens at 1x 11.3% /
+50.3%: the image resolution, not the text length, makes the difference here. The 224-only
+contrastive loss does fall (to ~2.3, below the 84 px run's at the same step): from scratch at
+224 px the tiny model first matches captions by colour and background, which zero-shot
+prompts never name, and learns no textures within these budgets.
 """
 from __future__ import annotations
 
