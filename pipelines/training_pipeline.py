@@ -45,7 +45,9 @@ _F336 = recipes.DEMO.stages["finetune_336"]
 def pipeline_arguments(recipe: recipes.Recipe) -> dict:
     """The pipeline parameters that run ``recipe``'s training stages."""
     args = {"preset": recipe.preset}
-    if recipe.n_train > 0:  # a demo recipe: download at the size its images were rendered
+    # A demo recipe: download at the size its images were rendered, with the seed its
+    # reported numbers came from.
+    if recipe.n_train > 0:
         args.update(download_image_size=recipe.image_px, seed=recipe.seed)
     for stage, prefix in STAGE_PREFIX.items():
         cfg = recipe.stages[stage]
