@@ -29,7 +29,7 @@ def _load() -> str:
 
 
 def one_run(url_list: str, out: str, processes: int, args) -> dict:
-    from components.download import run_download
+    from components.download.component import run_download
 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

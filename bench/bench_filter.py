@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--profile", action="store_true", help="cProfile one filter run")
     args = ap.parse_args(argv)
 
-    from components.filter_shard import run_filter_shard
+    from components.filter_shard.component import run_filter_shard
 
     print(_load(), "at start")
     with tempfile.TemporaryDirectory(prefix="bench-filter-") as tmp:

@@ -25,7 +25,7 @@ from clipa_model.config import StageConfig  # noqa: E402
 from clipa_model.devices import peak_flops, select_device  # noqa: E402
 from clipa_model.model import build_model, flops_per_sample  # noqa: E402
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, get_preset  # noqa: E402
-from clipa_model.train import train_loop  # noqa: E402
+from clipa_model.train_loop import train_loop  # noqa: E402
 
 # (stage, patch grid side, text tokens, mask ratio): 84 / 224 / 336 px for a /14 preset.
 STAGES = [("pretrain", 6, 8, 0.0), ("finetune_224", 16, 32, 0.3), ("finetune_336", 24, 32, 0.4)]

@@ -99,7 +99,7 @@ def zero_shot(model_dir: str, eval_dir: str, out_dir: str) -> dict:
 def run_arm(name: str, stages: list[StageConfig], shards: str, eval_dir: str,
             root: str) -> list[dict]:
     """Train the stages in order (each from the previous model); evaluate after each."""
-    from clipa_model.trainer import train_stage
+    from clipa_model.train_stage import train_stage
 
     rows, init, flops = [], None, 0.0
     for stage in stages:

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clipa_model.config import StageConfig  # noqa: E402
 from clipa_model.model import build_model, flops_per_sample, get_tokenizer  # noqa: E402
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD  # noqa: E402
-from clipa_model.train import train_loop  # noqa: E402
+from clipa_model.train_loop import train_loop  # noqa: E402
 
 
 def samples_per_s(preset: str, size: int, text_len: int, batch: int, steps: int, warmup: int,

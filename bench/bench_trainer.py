@@ -34,7 +34,7 @@ def make_shards(root: str, n: int) -> tuple[str, int]:
 def run_ours(args) -> float:
     """samples/s of ``train_stage`` (after the first log window)."""
     from clipa_model.recipes import DEMO
-    from clipa_model.trainer import train_stage
+    from clipa_model.train_stage import train_stage
 
     stage = DEMO["pretrain"].replace(samples=args.steps * args.batch, batch_size=args.batch,
                                      num_threads=args.threads, num_workers=args.workers,

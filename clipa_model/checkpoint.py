@@ -57,7 +57,7 @@ def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConf
         out_dir: folder to create (local path or fsspec URL).
         model: trained model; preset: its preset name.
         stage: the stage config that trained it (its image_size / text_len are the model's).
-        history: rows from ``train_loop``; summary: from ``train.summarize``.
+        history: rows from ``train_loop``; summary: from ``train.training_summary``.
         resolved: the run's resolved config (``planner.resolved_config``), saved as
             resolved_config.json.
 
@@ -90,7 +90,7 @@ def read_model_config(model_dir: str) -> dict:
     return read_json(join(model_dir, "model_config.json"))
 
 
-def read_history(model_dir: str) -> list[dict]:
+def read_training_history(model_dir: str) -> list[dict]:
     """history.jsonl rows of a Model artifact ([] if the file is absent)."""
     try:
         with fsspec.open(join(model_dir, "history.jsonl"), "r") as f:

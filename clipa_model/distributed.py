@@ -9,7 +9,7 @@ point: ``torchrun $(python -m clipa_model.distributed NPROC) -m components.train
 The contrastive loss of a multi-process run uses open_clip's ``ClipLoss(local_loss=True,
 gather_with_grad=True)``: every rank all-gathers the features of the global batch, scores
 its own rows against all columns, and the gradient flows back to the shard that produced
-each feature, so the result equals one process on the whole batch (tests/test_distributed.py).
+each feature, so the result equals one process on the whole batch (tests/clipa_model/test_distributed.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Load it without this package::
 
 The model config spells out the CLIPA-v2 settings (sin-cos position embedding, no pre-LN,
 average pooling, bidirectional text pooled at the last position), so open_clip builds the
-same network and the embeddings are identical (tests/test_export.py). Patch masking is a
+same network and the embeddings are identical (tests/clipa_model/test_export.py). Patch masking is a
 training tool and is not exported.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ after masking, text length. Two conventions appear side by side:
 
 The paper's third figure, 135.9 G at 224 px with 30% masking, is not what its own other two
 rows imply: 30% of 256 patches leaves 180 tokens, 125.8 G; 135.9 G is 24% masking (25%
-gives 134.4 G). tests/test_plan.py states this.
+gives 134.4 G). tests/clipa_model/test_planner.py states this.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ A /16 preset needs image sizes that are multiples of 16 (CLIPA v1 pretrained B/1
 Parameter counts of L/14, H/14 and bigG/14 equal open_clip's ``ViT-*-14-CLIPA`` configs
 (``open_clip_name``); the only difference is the image position table, which open_clip
 learns (257 x width at 224 px) and CLIPA-v2 fixes to 2D sin-cos (same shape, not trained).
-tests/test_model.py checks both statements.
+tests/clipa_model/test_model.py checks both statements.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Each file is written whole under a temporary name and renamed (object stores pub
 object only once its upload completes), so a process killed at any instant leaves either
 the previous checkpoint or the new one. A rerun of the stage loads the newest one and
 continues from the next step: the data stream and all RNG are restored, so the final
-weights equal those of an uninterrupted run (tests/test_checkpoint.py kills with SIGKILL).
+weights equal those of an uninterrupted run (tests/clipa_model/test_checkpoint.py kills with SIGKILL).
 Loading uses ``torch.load(weights_only=True)``: tensors and plain Python values only.
 """
 from __future__ import annotations

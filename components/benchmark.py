@@ -14,7 +14,7 @@ from typing import List
 
 from kfp.dsl import HTML, Artifact, Input, Metrics, Output
 
-from components.base import DATA_IMAGE, TRAIN_IMAGE, clipa_component
+from components.clipa_component import DATA_IMAGE, TRAIN_IMAGE, clipa_component
 
 log = logging.getLogger("clipa.benchmark")
 
@@ -36,9 +36,9 @@ def run_record_history(history: str, evaluation_dirs: list[str], run_id: str = "
     from datetime import datetime, timezone
 
     from clipa_model.artifacts import join, read_json, read_marker
-    from clipa_model.benchmarks import history_rows
-    from clipa_model.eval_report import render_history
-    from clipa_model.history import append_history, new_run_id, read_history
+    from clipa_model.eval.benchmarks import history_rows
+    from clipa_model.eval.report import render_history
+    from clipa_model.eval.history import append_history, new_run_id, read_benchmark_history
 
     run_id = run_id or new_run_id()
     when = datetime.now(timezone.utc)
@@ -48,7 +48,7 @@ def run_record_history(history: str, evaluation_dirs: list[str], run_id: str = "
         ev = read_json(join(folder, "results.json"))
         rows += history_rows(ev["model"]["name"], ev["model"]["ref"], ev["results"], when)
     part = append_history(history, rows, run_id)
-    df = read_history(history)
+    df = read_benchmark_history(history)
     log.info("history %s: +%d rows (run %s), %d in all", history, len(rows), run_id, len(df))
     if report_path:
         with open(report_path, "w") as f:
@@ -68,7 +68,7 @@ def benchmark(model: str, benchmarks: list, evaluation: Output[Artifact], metric
     """
     import shutil
 
-    from clipa_model.benchmarks import HEADLINE
+    from clipa_model.eval.benchmarks import HEADLINE
     from components.evaluate import run_benchmarks
 
     out = run_benchmarks(model, benchmarks, evaluation.path, batch_size, device)

@@ -19,7 +19,7 @@ import os
 
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from components.base import TRAIN_IMAGE, clipa_component
+from components.clipa_component import TRAIN_IMAGE, clipa_component
 
 log = logging.getLogger("clipa.evaluate")
 
@@ -55,7 +55,7 @@ def _write_evaluation(output_dir: str, model: dict, results: list[dict], curve: 
     import fsspec
 
     from clipa_model.artifacts import join, write_json_atomic, write_marker
-    from clipa_model.eval_report import render_evaluation
+    from clipa_model.eval.report import render_evaluation
 
     fs, _ = fsspec.core.url_to_fs(output_dir)
     fs.makedirs(output_dir, exist_ok=True)
@@ -82,9 +82,9 @@ def run_benchmarks(model: str, benchmarks: list, output_dir: str, batch_size: in
     Returns:
         {"model": {name, ref, source, info}, "results": [one dict per benchmark]}.
     """
-    from clipa_model.benchmarks import parse_benchmark, run_benchmark
-    from clipa_model.eval_data import open_classification_set, open_pair_set
-    from clipa_model.eval_models import load_eval_model
+    from clipa_model.eval.benchmarks import parse_benchmark, run_benchmark
+    from clipa_model.eval.data import open_classification_set, open_pair_set
+    from clipa_model.eval.models import load_eval_model
 
     parsed = [parse_benchmark(b) for b in benchmarks]
     if not parsed:
@@ -123,9 +123,9 @@ def run_evaluate(model: str, eval_dir: str, output_dir: str, batch_size: int = 1
         top1, top5, count, num_classes, colour_baseline_top1, per_class_top1, classnames,
         seconds, model (name, ref, source, info).
     """
-    from clipa_model.benchmarks import Benchmark, run_benchmark
-    from clipa_model.eval_data import open_classification_set
-    from clipa_model.eval_models import load_eval_model
+    from clipa_model.eval.benchmarks import Benchmark, run_benchmark
+    from clipa_model.eval.data import open_classification_set
+    from clipa_model.eval.models import load_eval_model
 
     open_classification_set(eval_dir, classes)  # a bad set fails before the model loads
     em = load_eval_model(model)

@@ -1,7 +1,7 @@
 """Training steps: ``pretrain`` (84 px, 8 tokens) and ``finetune`` (224/336 px, 32 tokens).
 
-The work is ``run_train_stage``, a plain function (tests and the CLI call it directly);
-the two KFP components only turn their artifacts and parameters into a call to it.
+The work is ``clipa_model.train_stage.train_stage``, a plain function (tests and the CLI call
+it directly); the two KFP components only turn their artifacts and parameters into a call to it.
 
     python -m components.train DATA_DIR OUT_DIR --stage pretrain [--init INIT_DIR]
     torchrun --nproc_per_node 8 -m components.train DATA OUT --recipe paper_h14 --set device=cuda
@@ -15,35 +15,9 @@ import logging
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from clipa_model.config import ConfigError, StageConfig
-from components.base import TRAIN_IMAGE, clipa_component
+from components.clipa_component import TRAIN_IMAGE, clipa_component
 
 log = logging.getLogger("clipa.train")
-
-
-def run_train_stage(data_dir: str, output_dir: str, stage: StageConfig,
-                    preset: str | None = None, init_model_dir: str | None = None,
-                    checkpoint_dir: str | None = None) -> dict:
-    """Train one stage on a ``filtered_shards`` artifact and write a ``model`` artifact.
-
-    Runs alone or as one process of a torchrun / Vertex AI job (the rank layout comes from
-    the environment), and resumes from the newest checkpoint in ``checkpoint_dir``.
-
-    Args:
-        data_dir: filtered_shards folder (shard-NNNNN.tar, manifest.json, marker).
-        output_dir: Model artifact folder to create.
-        stage: sizes, samples, batch size, optimizer and device settings.
-        preset: model preset for a fresh model ("tiny" when unset); with
-            ``init_model_dir`` the checkpoint's preset is used (a different one is an error).
-        init_model_dir: Model artifact to start from (finetuning), rebuilt at the stage's
-            image size and text length.
-        checkpoint_dir: resumable checkpoints, local or gs:// (default OUTPUT/checkpoints).
-
-    Returns:
-        The model marker plus "samples_per_s", "data_count" and "resumed_from".
-    """
-    from clipa_model.trainer import train_stage
-
-    return train_stage(data_dir, output_dir, stage, preset, init_model_dir, checkpoint_dir)
 
 
 def _log_metrics(metrics, result: dict) -> None:
@@ -52,7 +26,7 @@ def _log_metrics(metrics, result: dict) -> None:
 
 
 # Component defaults are literals (KFP runs the function's source text alone in the
-# container); tests/test_train.py checks that they equal the DEMO recipe.
+# container); tests/clipa_model/test_train.py checks that they equal the DEMO recipe.
 @clipa_component(TRAIN_IMAGE)
 def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
              preset: str = "tiny", image_size: int = 84, text_len: int = 8,
@@ -69,12 +43,13 @@ def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
         metrics: final_loss, samples_seen, samples_per_s, seconds.
     """
     from clipa_model.recipes import DEMO
-    from components.train import _log_metrics, run_train_stage
+    from clipa_model.train_stage import train_stage
+    from components.train import _log_metrics
 
     stage = DEMO["pretrain"].replace(image_size=image_size, text_len=text_len, samples=samples,
                                      batch_size=batch_size, lr=lr, seed=seed,
                                      num_workers=loader_workers, num_threads=torch_threads)
-    _log_metrics(metrics, run_train_stage(data.path, model.path, stage, preset=preset))
+    _log_metrics(metrics, train_stage(data.path, model.path, stage, preset=preset))
 
 
 @clipa_component(TRAIN_IMAGE)
@@ -91,12 +66,13 @@ def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model
         metrics: final_loss, samples_seen, samples_per_s, seconds.
     """
     from clipa_model.recipes import finetune_stage
-    from components.train import _log_metrics, run_train_stage
+    from clipa_model.train_stage import train_stage
+    from components.train import _log_metrics
 
     stage = finetune_stage(image_size, text_len=text_len, mask_ratio=mask_ratio,
                            samples=samples, batch_size=batch_size, lr=lr, seed=seed,
                            num_workers=loader_workers, num_threads=torch_threads)
-    _log_metrics(metrics, run_train_stage(data.path, model.path, stage,
+    _log_metrics(metrics, train_stage(data.path, model.path, stage,
                                           init_model_dir=init_model.path))
 
 
@@ -117,12 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a StageConfig field, e.g. --set device=cuda (repeatable)")
     args = ap.parse_args(argv)
+    from clipa_model.train_stage import train_stage
+
     rank = resolve_dist_env().rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s")
     stage = RECIPES[args.recipe].stages[args.stage]
     stage = stage.replace(**_parse_overrides(stage, args.set))
-    result = run_train_stage(args.data_dir, args.output_dir, stage, args.preset, args.init,
+    result = train_stage(args.data_dir, args.output_dir, stage, args.preset, args.init,
                              args.checkpoint_dir)
     if rank == 0:
         print(json.dumps(result, indent=2, default=str))

@@ -13,4 +13,4 @@ COPY clipa_model ./clipa_model
 COPY components ./components
 COPY pipelines ./pipelines
 RUN pip install -c constraints.txt ".[vertex]" \
- && python -c "import kfp, img2dataset, apache_beam, components.filter_shard, components.download"
+ && python -c "import kfp, img2dataset, apache_beam, components.filter_shard.component, components.download.component"

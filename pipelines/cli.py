@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from pipelines.local import run_local
-    from components.report import format_summary
+    from components.run_report import format_summary
 
     workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     overrides = _coerce(args.param)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's import phones home
     args = build_parser().parse_args(argv)
-    from components.download import UrlListError
+    from components.download.component import UrlListError
 
     try:
         return COMMANDS[args.command](args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kfp import compiler
 
-from pipelines.placement import Placement, build_pipeline
+from pipelines.placement import Placement, place_pipeline
 
 PIPELINES = ("training", "eval")
 DEFAULT_OUTPUT = {"training": "pipeline.yaml", "eval": "eval_pipeline.yaml"}
@@ -29,7 +29,7 @@ def get_pipeline(name: str = "training"):
 def placed_pipeline(name: str = "training", placement: Placement | None = None):
     """Pipeline ``name``, re-traced under ``placement`` when one is given."""
     pipeline = get_pipeline(name)
-    return pipeline if placement is None else build_pipeline(pipeline, placement)
+    return pipeline if placement is None else place_pipeline(pipeline, placement)
 
 
 def compile_pipeline(output: str | None = None, pipeline: str = "training",

@@ -19,12 +19,12 @@ import time
 
 # Component name -> (placement step, "module:attribute"); imported only when used.
 COMPONENTS = {
-    "download": ("download", "components.download_pipeline:download"),
-    "filter_shard": ("filter_shard", "components.filter_shard:filter_shard"),
+    "download": ("download", "components.download.pipeline:download"),
+    "filter_shard": ("filter_shard", "components.filter_shard.component:filter_shard"),
     "pretrain": ("pretrain", "components.train:pretrain"),
     "finetune": ("finetune", "components.train:finetune"),
     "evaluate": ("evaluate", "components.evaluate:evaluate"),
-    "summarize": ("summarize", "components.report:summarize"),
+    "summarize": ("summarize", "components.run_report:summarize"),
     "benchmark": ("benchmark", "components.benchmark:benchmark"),
 }
 
@@ -65,7 +65,7 @@ def one_step_pipeline(name: str, inputs: dict[str, str], params: dict, placement
     """
     from kfp import dsl
 
-    from pipelines.placement import PlacedStep, build_pipeline
+    from pipelines.placement import PlacedStep, place_pipeline
 
     step, component = get_component(name)
     artifacts, _ = split_inputs(component)
@@ -93,7 +93,7 @@ def one_step_pipeline(name: str, inputs: dict[str, str], params: dict, placement
 
     pipeline = dsl.pipeline(name=f"clipa-{name.replace('_', '-')}",
                             description=f"clipa component run {name}")(run_one)
-    return pipeline if placement is None else build_pipeline(pipeline, placement)
+    return pipeline if placement is None else place_pipeline(pipeline, placement)
 
 
 def run_component_locally(name: str, inputs: dict, params: dict, output_uri: str) -> dict:

@@ -77,7 +77,7 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         UrlListError: the URL list is missing or malformed (checked before any work).
         ValueError: an unknown recipe or parameter, or a URL list without eval set.
     """
-    from components.download import read_url_list
+    from components.download.component import read_url_list
     from pipelines.training_pipeline import pipeline_arguments
 
     if recipe_name not in recipes.RECIPES:

@@ -2,7 +2,7 @@
 
 The pipeline functions call their steps through ``PlacedStep`` wrappers. Compiled as they
 are (``pipeline.yaml``, ``clipa run``), every step is its plain component. Compiled under a
-``Placement`` (``build_pipeline``), a step becomes
+``Placement`` (``place_pipeline``), a step becomes
 
 - a Vertex AI custom job (google-cloud-pipeline-components'
   ``create_custom_training_job_from_component``) when its ``Machine`` names a machine type:
@@ -24,7 +24,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from components.base import DATA_IMAGE, TRAIN_IMAGE
+from components.clipa_component import DATA_IMAGE, TRAIN_IMAGE
 
 # Steps that run on the data image (img2dataset + Beam); the others use the train image.
 DATA_STEPS = frozenset({"download", "filter_shard", "summarize", "record_history"})
@@ -272,7 +272,7 @@ class PlacedStep:
         return getattr(self.component, name)
 
 
-def build_pipeline(pipeline, placement: Placement):
+def place_pipeline(pipeline, placement: Placement):
     """Re-trace a ``@dsl.pipeline`` function with its steps placed by ``placement``."""
     from kfp import dsl
 

@@ -94,7 +94,7 @@ def _rfc3339(option: str, text: str) -> str:
 def eval_parameters(models: list[str], benchmarks: list[str], history: str,
                     batch_size: int, device: str) -> dict:
     """The eval pipeline's parameters, checked (benchmark specs parse, lists not empty)."""
-    from clipa_model.benchmarks import parse_benchmark
+    from clipa_model.eval.benchmarks import parse_benchmark
 
     if not models:
         raise ValueError("--model: at least one model reference is required")

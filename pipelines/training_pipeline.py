@@ -3,7 +3,7 @@
 download -> filter_shard -> pretrain (84 px) -> finetune (224 px) -> finetune (336 px),
 with a zero-shot evaluation after each training stage and a summary at the end.
 
-Per-step machines and images are chosen at compile time: ``build_pipeline(clipa_training,
+Per-step machines and images are chosen at compile time: ``place_pipeline(clipa_training,
 get_placement("a3-highgpu-8g"))`` (pipelines/placement.py).
 
 Every setting is an explicit pipeline parameter (what Vertex shows and what a rerun
@@ -15,10 +15,10 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset
 
 from clipa_model import recipes
-from components.download_pipeline import download
+from components.download.pipeline import download
 from components.evaluate import evaluate
-from components.filter_shard import filter_shard
-from components.report import summarize
+from components.filter_shard.component import filter_shard
+from components.run_report import summarize
 from components.train import finetune, pretrain
 from pipelines.placement import PlacedStep
 

@@ -17,8 +17,8 @@ from clipa_model.devices import select_device
 from clipa_model.distributed import DistEnv
 from clipa_model.model import build_model, get_tokenizer
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD
-from clipa_model.train import train_loop
-from clipa_model.trainer import train_stage
+from clipa_model.train_loop import train_loop
+from clipa_model.train_stage import train_stage
 from pipelines.demo_data import write_demo_shards
 
 STEPS, LOG_EVERY = 6, 3

@@ -1,0 +1,175 @@
+"""One training stage end to end: inputs checked, model built or loaded, resumed, trained, saved.
+
+``train_stage`` is what the KFP steps of ``components.train`` and its command line call, on one process or on every process of a torchrun / Vertex AI job:
+
+1. check everything before any work: the data (empty dataset), the stage config (sizes,
+   masks, batch divisible by the world size), the init model's architecture;
+2. build the model (seeded) or load the init model at this stage's token counts;
+3. resume from the newest checkpoint in CHECKPOINT_DIR (default OUTPUT/checkpoints) if any;
+4. train (``train.train_loop``), checkpointing every N steps / M minutes;
+5. rank 0 writes the Model artifact (marker last) and deletes the step checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from clipa_model import devices, resume
+from clipa_model.artifacts import join
+from clipa_model.checkpoint import load_model, model_config, read_model_config, save_model_artifact
+from clipa_model.config import ConfigError, StageConfig
+from clipa_model.data import list_train_shards, train_batches
+from clipa_model.distributed import (DistEnv, all_gather_object, barrier, init_process_group,
+                                     resolve_dist_env)
+from clipa_model.model import build_model, flops_per_sample, get_tokenizer
+from clipa_model.planner import resolved_config
+from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, get_preset
+from clipa_model.train_loop import make_optimizer, set_threads, training_summary, train_loop
+
+log = logging.getLogger("clipa.train")
+
+
+def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | None):
+    """A fresh model (seeded) or the init checkpoint rebuilt at this stage's sizes.
+
+    Returns:
+        (model, preset name).
+
+    Raises:
+        ConfigError: a stage the preset cannot run, or an init model of another preset.
+    """
+    if init_model_dir is None:
+        preset = preset or "tiny"
+        stage.validate(get_preset(preset).patch_size)
+        torch.manual_seed(stage.seed)
+        return build_model(preset, stage.image_size, stage.text_len, stage.mask_ratio,
+                           stage.image_mask), preset
+    init_preset = read_model_config(init_model_dir)["preset"]
+    if preset is not None and preset != init_preset:
+        raise ConfigError(f"preset={preset!r} differs from the init model's "
+                          f"{init_preset!r} ({init_model_dir}); leave preset unset to finetune")
+    stage.validate(get_preset(init_preset).patch_size)
+    model, _ = load_model(init_model_dir, stage.image_size, stage.text_len, stage.mask_ratio,
+                          stage.image_mask)
+    return model, init_preset
+
+
+def _to_cpu(obj):
+    """Tensors of a (nested) state moved to the CPU, for saving from CUDA / XLA."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class _StageCheckpoints:
+    """Saving and restoring the resumable state of one stage."""
+
+    def __init__(self, ckpt_dir, stage, model, model_cfg, device, dist_env):
+        self.ckpt_dir, self.stage, self.model = ckpt_dir, stage, model
+        self.model_cfg, self.device, self.dist_env = model_cfg, device, dist_env
+        self.timer = resume.Checkpointer(ckpt_dir, stage)
+
+    def restore(self, optimizer) -> tuple[int, list]:
+        """Load the newest checkpoint into model, optimizer and RNG: (start step, history)."""
+        state = resume.load_latest(self.ckpt_dir)
+        if state is None:
+            return 0, []
+        resume.check_resumable(state, self.stage, self.model_cfg, self.dist_env.world_size,
+                               self.ckpt_dir)
+        self.model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        devices.set_rng_state(state["rng"][self.dist_env.rank], self.device)
+        log.info("%s: resuming after step %d from %s", self.stage.stage, state["step"], self.ckpt_dir)
+        return state["step"], state["history"]
+
+    def due(self, step: int) -> bool:
+        due = self.timer.due(step)
+        if self.dist_env.world_size > 1 and self.stage.checkpoint_minutes > 0:
+            due = all_gather_object(due, self.dist_env)[0]  # rank 0's clock decides
+        return due
+
+    def save(self, step: int, optimizer, history: list) -> None:
+        rngs = all_gather_object(devices.rng_state(self.device), self.dist_env)
+        if self.dist_env.is_main:
+            self.timer.save({"step": step, "model": _to_cpu(self.model.state_dict()),
+                             "optimizer": _to_cpu(optimizer.state_dict()),
+                             "schedule": {"kind": "warmup_cosine", "step": step,
+                                          "steps": self.stage.steps,
+                                          "warmup_steps": self.stage.warmup_steps},
+                             "history": history, "rng": _to_cpu(rngs),
+                             "stage": self.stage.to_dict(), "model_config": self.model_cfg,
+                             "world_size": self.dist_env.world_size})
+        barrier(self.dist_env)
+
+
+def _check_batch(stage: StageConfig, dist_env: DistEnv) -> None:
+    if stage.batch_size % dist_env.world_size:
+        raise ConfigError(f"StageConfig.batch_size={stage.batch_size} for stage {stage.stage!r}: "
+                          f"expected a multiple of the world size {dist_env.world_size}")
+
+
+def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str | None = None,
+                init_model_dir: str | None = None, checkpoint_dir: str | None = None,
+                dist_env: DistEnv | None = None) -> dict:
+    """Train one stage on a ``filtered_shards`` artifact and write a ``model`` artifact.
+
+    Args:
+        data_dir: filtered_shards folder; output_dir: Model artifact folder to create.
+        stage: sizes, samples, global batch size, optimizer and device settings.
+        preset: preset of a fresh model ("tiny" when unset; must match ``init_model_dir``).
+        init_model_dir: Model artifact to start from (finetuning).
+        checkpoint_dir: resumable checkpoints (local or gs://; default OUTPUT/checkpoints).
+        dist_env: rank layout (default: from torchrun / Vertex AI environment variables).
+
+    Returns:
+        The model marker plus "samples_per_s", "data_count" and "resumed_from".
+    """
+    _, data_count = list_train_shards(data_dir)  # fails early on a bad / empty artifact
+    dist_env = dist_env or resolve_dist_env()
+    _check_batch(stage, dist_env)
+    device = devices.select_device(stage.device, dist_env.local_rank)
+    init_process_group(dist_env, device.type)
+    set_threads(stage)
+    model, preset = init_model(stage, preset, init_model_dir)
+    model.to(device)
+    optimizer = make_optimizer(model, stage, device)
+    model_cfg = model_config(preset, stage.image_size, stage.text_len)
+    ckpt_dir = checkpoint_dir or join(output_dir, "checkpoints")
+    resolved = resolved_config(stage, preset, dist_env.world_size, str(device), data_count)
+    ckpts = _StageCheckpoints(ckpt_dir, stage, model, model_cfg, device, dist_env)
+    torch.manual_seed(stage.seed + dist_env.rank)  # patch masks (restored on resume)
+    start_step, history = ckpts.restore(optimizer)
+    if dist_env.is_main:
+        resume.write_resolved_config(ckpt_dir, resolved)
+    tokenizer = get_tokenizer(preset, stage.text_len, stage.text_reduction, stage.seed)
+    batches = train_batches(data_dir, stage.image_size, stage.batch_size // dist_env.world_size,
+                            stage.steps, tokenizer, stage.crop_scale, stage.seed,
+                            stage.num_workers, rank=dist_env.rank,
+                            world_size=dist_env.world_size, start_step=start_step)
+    flops = flops_per_sample(preset, stage.image_size, stage.text_len, stage.mask_ratio)
+    log.info("%s: %s at %d px, %d tokens, mask %.2f (%s), text %s; %d samples in %d steps of %d "
+             "on %d x %s (%.2f epochs of %d); %.2f GFLOP/sample", stage.stage, preset,
+             stage.image_size, stage.text_len, stage.mask_ratio, stage.image_mask,
+             stage.text_reduction, stage.samples, stage.steps, stage.batch_size,
+             dist_env.world_size, device, stage.steps * stage.batch_size / data_count,
+             data_count, flops / 1e9)
+    t0 = time.perf_counter()
+    history = train_loop(model, batches, stage, IMAGE_MEAN, IMAGE_STD, flops, device=device,
+                         dist_env=dist_env, optimizer=optimizer, start_step=start_step,
+                         history=history, checkpoint=ckpts.save, checkpoint_due=ckpts.due)
+    start_samples = start_step * stage.batch_size
+    summary = training_summary(history, time.perf_counter() - t0, start_samples)
+    marker = {"stage": stage.stage, "preset": preset, **summary}
+    if dist_env.is_main:
+        marker = save_model_artifact(output_dir, model, preset, stage, history, summary, resolved)
+        resume.remove_checkpoints(ckpt_dir)
+    barrier(dist_env)
+    return {**marker, "samples_per_s": summary["samples_per_s"], "data_count": data_count,
+            "resumed_from": start_step}
+

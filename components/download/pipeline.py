@@ -1,0 +1,69 @@
+"""``download`` as one pipeline step: split the URL list, N parallel downloads, merge.
+
+    split_url_list -> ParallelFor(parts, parallelism=PARALLELISM) download_part -> merge_download
+
+A sub-pipeline, so the training pipeline sees one ``download`` task whose ``shards``
+output feeds ``filter_shard``; Vertex draws it as a group to open. With ``parts=1`` it
+is one download task; kfp.local runs the same graph on one machine (its ParallelFor runs
+iterations as parallel subprocesses).
+
+Each part task gets its own machine on Vertex (the component's resources), so the list's
+throughput grows with ``parts`` until the sites or the bandwidth give out. This module is
+not imported inside component containers (it defines a pipeline, not components).
+"""
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from components.download.component import download_part, merge_download, split_url_list
+
+# Most part tasks running at once (a compile-time constant in KFP). Vertex queues the rest.
+PARALLELISM = 16
+
+
+class DownloadOutputs(NamedTuple):
+    shards: Dataset
+
+
+@dsl.pipeline(name="download", description="img2dataset download of a URL list, in parallel parts.")
+def download(
+    url_list: str,
+    parts: int = 1,
+    samples_per_shard: int = 1000,
+    url_col: str = "url",
+    caption_col: str = "caption",
+    allow_networks: str = "",
+    image_size: int = 256,
+    resize_mode: str = "keep_ratio",
+    encode_format: str = "jpg",
+    encode_quality: int = 95,
+    processes: int = 1,
+    threads: int = 16,
+    timeout: int = 10,
+    retries: int = 0,
+    min_image_size: int = 0,
+    max_aspect_ratio: float = 0.0,
+    max_image_pixels: int = 89478485,
+    compute_hash: str = "sha256",
+    disallowed_header_directives: str = "noai,noimageai,noindex,noimageindex",
+    user_agent_token: str = "",
+) -> DownloadOutputs:
+    """Download ``url_list`` in ``parts`` parallel tasks into one ``shards`` artifact."""
+    split = split_url_list(url_list=url_list, parts=parts, samples_per_shard=samples_per_shard,
+                           url_col=url_col, caption_col=caption_col,
+                           allow_networks=allow_networks)
+    split.set_display_name("split-url-list")
+    with dsl.ParallelFor(split.outputs["Output"], parallelism=PARALLELISM) as part:
+        task = download_part(
+            url_parts=split.outputs["url_parts"], part=part, image_size=image_size,
+            resize_mode=resize_mode, encode_format=encode_format, encode_quality=encode_quality,
+            processes=processes, threads=threads, timeout=timeout, retries=retries,
+            min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
+            max_image_pixels=max_image_pixels, compute_hash=compute_hash,
+            disallowed_header_directives=disallowed_header_directives,
+            user_agent_token=user_agent_token)
+    merged = merge_download(url_parts=split.outputs["url_parts"],
+                            parts=dsl.Collected(task.outputs["shards"]))
+    return DownloadOutputs(shards=merged.outputs["shards"])

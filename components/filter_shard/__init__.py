@@ -1,0 +1,1 @@
+"""The filter_shard step: filter, deduplicate and reshard webdataset shards with Apache Beam."""

@@ -1,0 +1,5 @@
+"""``python -m components.filter_shard``: the step's command line (components/filter_shard/component.py)."""
+from components.filter_shard.component import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The Beam transforms of ``filter_shard``: check, plan, read the kept samples, write.
+
+    (index, tar path) -> Reshuffle (spread the input shards over workers)
+      -> CheckShard: check every sample (header-only image checks, captions, language,
+                     CLIP score) -> one list of SampleInfo per input tar
+      -> ToList -> Plan: dedup (image bytes, URL, key), CLIP threshold / top fraction,
+                         order by hash(seed, key), cut into output shards;
+                         one element per input tar: the samples kept from it
+      -> Reshuffle -> ReadKept: seek to each kept sample's bytes (no decoding, no
+                                tar parsing), group them by output shard
+      -> GroupByKey(output shard) -> WriteShard
+
+Image bytes never wait while the plan is made: the first pass emits metadata only
+(``SampleInfo``, ~0.4 kB a sample in memory, so the single-worker Plan step holds ~4 GB
+per 10 M samples), and the second pass reads each kept sample's bytes once, at the offsets
+the first pass recorded, and sends them through one shuffle to their output shard.
+Elements are per tar or per (tar, output shard), never per sample: Beam's per-element
+cost would otherwise dominate (measured: ~4x slower). Every drop is a Beam Metrics
+counter ``filter_shard/dropped_<reason>`` (live on Dataflow's job page);
+``read_counters`` sums them after the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections import Counter, defaultdict
+from typing import Iterator
+
+import apache_beam as beam
+import fsspec
+from apache_beam.metrics import Metrics, MetricsFilter
+
+from clipa_model import artifacts
+from components.filter_shard.samples import (
+    FilterConfig, TruncatedShardError, check_sample, iter_tar_samples, output_members,
+    plan_shards, read_spans, sample_info, shard_name, write_shard_tar)
+
+log = logging.getLogger("clipa.filter_shard")
+
+NAMESPACE = "filter_shard"  # Beam Metrics namespace of every counter below
+
+# Tars are read front to back in small pieces (a 512-byte header, then one member);
+# a readahead cache of this size turns that into a few large range reads on gs://
+# (gcsfs's default cache would send one request per piece).
+_READ_BLOCK = 16 * 2**20
+_WRITE_BUFFER = 4 * 2**20
+CLIP_BATCH = 64  # samples scored per forward pass
+
+
+def _open_for_reading(tar_path: str):
+    """A file object for sequential reading, local or gs://, with a large readahead."""
+    fs, path = fsspec.core.url_to_fs(tar_path)
+    # fs.open, not fsspec.open: fsspec.open would take the cache settings as options of
+    # the filesystem, not of the file.
+    return fs.open(path, "rb", cache_type="readahead", block_size=_READ_BLOCK)
+
+
+def _lost_in_truncated(tar_path: str, read: int, partial: int) -> int:
+    """Samples a truncated tar lost: what img2dataset says it wrote, less what was read.
+
+    img2dataset's ``NNNNN_stats.json`` beside the tar counts the samples written
+    (``successes``). Without it, the loss is unknown; it counts as at least one.
+    """
+    stats_path = tar_path[: -len(".tar")] + "_stats.json"
+    try:
+        with fsspec.open(stats_path, "r") as f:
+            expected = int(json.load(f)["successes"])
+        return max(expected - read, partial)
+    except (OSError, ValueError, KeyError, TypeError):
+        return max(partial, 1)
+
+
+def _language_identifier():
+    """py3langid's bundled model (offline); ``callable(text) -> language code``."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE)
+    return lambda text: identifier.classify(text)[0]
+
+
+class CheckShard(beam.DoFn):
+    """``(index, tar path)`` -> ``(index, [SampleInfo, ...])`` of the samples that pass.
+
+    One element per input tar, not per sample: the runner's per-element cost (pickling,
+    counters, bundle bookkeeping) is paid once a shard. A corrupt sample or a truncated
+    tar is counted (``decode_error``, ``truncated_shard``) and skipped; the complete
+    samples before a cut go on.
+    """
+
+    def __init__(self, cfg: FilterConfig):
+        self.cfg = cfg
+
+    def setup(self):
+        self.language = _language_identifier() if self.cfg.english_only else None
+        if self.cfg.clip_scoring:
+            from components.filter_shard.clip_score import ClipScorer
+
+            self.scorer = ClipScorer(self.cfg.clip_model)
+
+    def process(self, element: tuple[int, str]) -> Iterator[tuple[int, list]]:
+        source, tar_path = element
+        start, read = time.perf_counter(), 0
+        dropped: Counter = Counter()
+        infos, pending = [], []  # pending: (index in infos, image bytes, caption) to score
+        try:
+            with _open_for_reading(tar_path) as f:
+                for position, sample in enumerate(iter_tar_samples(f)):
+                    read += 1
+                    verdict = check_sample(sample.key, sample.members, self.cfg, self.language)
+                    if verdict.reason:
+                        dropped[verdict.reason] += 1
+                        log.debug("%s: %s dropped (%s: %s)", tar_path, sample.key,
+                                  verdict.reason, verdict.note)
+                        continue
+                    infos.append(sample_info(source, position, sample, verdict, self.cfg.seed))
+                    if self.cfg.clip_scoring:
+                        pending.append((len(infos) - 1, sample.members[verdict.image_ext],
+                                        sample.members["txt"].decode("utf-8")))
+                        if len(pending) >= CLIP_BATCH:
+                            self._score(infos, pending)
+        except TruncatedShardError as e:
+            lost = _lost_in_truncated(tar_path, read, e.partial)
+            log.warning("%s: truncated shard (%s); read the %d samples before the cut, "
+                        "%d lost", tar_path, e, read, lost)
+            dropped["truncated_shard"] += lost
+            read += lost
+        self._score(infos, pending)
+        _count(read, dropped)
+        log.info("%s: %d samples checked, %d passed (%.0f samples/s)", tar_path, read,
+                 len(infos), read / max(time.perf_counter() - start, 1e-9))
+        yield source, _pack(infos)
+
+    def _score(self, infos: list, pending: list) -> None:
+        """CLIP-score the pending samples in place (``SampleInfo.score``)."""
+        if not pending:
+            return
+        scores = self.scorer.score([p[1] for p in pending], [p[2] for p in pending])
+        for (i, _, _), score in zip(pending, scores):
+            infos[i] = infos[i]._replace(score=score)
+        pending.clear()
+
+
+def _count(read: int, dropped: Counter) -> None:
+    """Add one tar's counts to the Beam counters (live on Dataflow's job page)."""
+    Metrics.counter(NAMESPACE, "input").inc(read)
+    for reason, n in dropped.items():
+        Metrics.counter(NAMESPACE, f"dropped_{reason}").inc(n)
+
+
+def _pack(value) -> bytes:
+    """One pickle for a whole list: Beam's default coder would pickle each item apart."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _plan(checked: list[tuple[int, bytes]], cfg: FilterConfig) -> Iterator[tuple[int, bytes]]:
+    """Every tar's passing samples -> ``(input tar index, [ShardSlot, ...])`` per tar."""
+    records = (info for _, packed in checked for info in pickle.loads(packed))
+    placements, dropped = plan_shards(records, cfg)
+    for reason, n in dropped.items():
+        if n:
+            Metrics.counter(NAMESPACE, f"dropped_{reason}").inc(n)
+    by_source = defaultdict(list)
+    for placement in placements:
+        by_source[placement.info.source].append(placement)
+    for source, kept in sorted(by_source.items()):
+        yield source, _pack(kept)
+
+
+class ReadKept(beam.DoFn):
+    """``(input tar index, placements)`` -> ``(shard, [(rank, key, members), ...])``.
+
+    One element per (input tar, output shard) pair, so the shuffle moves a few large
+    values rather than one per sample.
+    """
+
+    def __init__(self, tar_paths: list[str]):
+        self.tar_paths = tar_paths
+
+    def process(self, element: tuple[int, bytes]) -> Iterator[tuple[int, bytes]]:
+        source, placements = element[0], pickle.loads(element[1])
+        # In file order, so the readahead cache serves one forward sweep of the tar.
+        placements = sorted(placements, key=lambda pl: pl.info.position)
+        by_shard = defaultdict(list)
+        with _open_for_reading(self.tar_paths[source]) as f:
+            for pl in placements:
+                members = read_spans(f, pl.info.spans, pl.info.image_ext)
+                by_shard[pl.shard].append(
+                    (pl.rank, pl.info.key, output_members(members, pl.info.image_ext)))
+        for shard, items in by_shard.items():
+            yield shard, _pack(items)
+
+
+class WriteShard(beam.DoFn):
+    """``(shard index, [[(rank, key, members), ...], ...])`` -> ``shard-NNNNN.tar``.
+
+    Written under a temporary name and renamed (local) or uploaded whole (gs://), so a
+    retried bundle rewrites the same bytes and a reader never sees half a tar.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def process(self, element: tuple[int, list]) -> Iterator[tuple[str, int]]:
+        index, chunks = element
+        items = sorted((item for chunk in chunks for item in pickle.loads(chunk)),
+                       key=lambda it: it[0])
+        samples = ((key, members) for _, key, members in items)
+        path = artifacts.join(self.output_dir, shard_name(index))
+        if "://" in path:
+            with fsspec.open(path, "wb") as f:
+                n = write_shard_tar(f, samples)
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
+                n = write_shard_tar(f, samples)
+            os.replace(tmp, path)
+        Metrics.counter(NAMESPACE, "kept").inc(n)
+        yield shard_name(index), n
+
+
+def build_beam_graph(p: beam.Pipeline, tar_paths: list[str], output_dir: str,
+                   cfg: FilterConfig) -> beam.PCollection:
+    """Add the filter_shard transforms to ``p``; returns the (shard name, count) written."""
+    return (p
+            | "TarPaths" >> beam.Create(list(enumerate(tar_paths)))
+            | "SpreadChecks" >> beam.Reshuffle()
+            | "CheckShard" >> beam.ParDo(CheckShard(cfg))
+            | "AllInfo" >> beam.combiners.ToList()
+            | "Plan" >> beam.FlatMap(_plan, cfg)
+            | "SpreadReads" >> beam.Reshuffle()  # the plan comes from one worker
+            | "ReadKept" >> beam.ParDo(ReadKept(tar_paths))
+            | "ByShard" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(WriteShard(output_dir)))
+
+
+def read_counters(result) -> Counter:
+    """Our Beam counters, summed over steps (committed values where the runner has them)."""
+    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    totals: Counter = Counter()
+    for c in found:
+        value = c.committed if c.committed is not None else c.attempted
+        totals[c.key.metric.name] += int(value or 0)
+    return totals

@@ -1,0 +1,362 @@
+"""The per-sample work of ``filter_shard``, free of Beam: read, check, plan, write.
+
+* ``iter_tar_samples`` groups the members of an img2dataset tar into samples (with where
+  each member's bytes lie) and tells a complete tar from a truncated one;
+* ``check_sample`` checks one sample (names, caption, JSON, image header) and returns why
+  it is dropped (or None);
+* ``plan_shards`` drops duplicates (image bytes, URL, key) and low CLIP scores, and orders
+  the survivors into output shards;
+* ``read_spans`` reads a planned sample back from its tar without parsing the tar again;
+* ``write_shard_tar`` writes one output shard, byte-identical for the same samples.
+
+The Beam pipeline (``components.filter_shard.beam_graph``) only moves these values around.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import IO, Iterable, Iterator, NamedTuple
+
+from components.filter_shard.images import image_facts, to_jpeg
+from components.filter_shard.tar_io import TarFormatError, TarWriter, iter_members, safe_key
+
+# Drop reasons, in the order a sample is checked; a sample counts under its first reason.
+REASONS = ("truncated_shard", "unsafe_name", "decode_error", "too_large", "caption_words",
+           "caption_chars", "min_side", "aspect_ratio", "not_english", "duplicate_sha256",
+           "duplicate_url", "duplicate_key", "clip_score")
+
+# A sample's image member may be any of these (img2dataset's encode_format); the output
+# always holds KEY.jpg, what the training loader reads (others are re-encoded to JPEG).
+IMAGE_EXTS = ("jpg", "png", "webp")
+# The members written back, in this (sorted, as webdataset's TarWriter does) order.
+MEMBERS = ("jpg", "json", "txt")
+
+# (offset, size) of image, json and txt, packed: 48 bytes instead of ~400 as tuples.
+_SPANS = struct.Struct("<6Q")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """What ``filter_shard`` keeps. A value of 0 / None / False / "" turns a filter off.
+
+    Defaults follow DataComp's "basic" filtering (captions of more than 2 words and
+    more than 5 characters, shorter side and aspect ratio bounds) without its English
+    detection, which ``english_only`` adds.
+    """
+    min_caption_words: int | None = 3
+    min_caption_chars: int | None = 6
+    min_image_side: int | None = 64
+    max_aspect_ratio: float | None = 3.0
+    dedup_sha256: bool = True
+    dedup_url: bool = True
+    english_only: bool = False
+    clip_model: str = ""  # a Model artifact folder (local or gs://) scoring image-text pairs
+    clip_min_score: float | None = None  # keep cosine similarity >= this
+    clip_top_fraction: float | None = None  # keep this fraction, highest scores first
+    max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit (~9459 px square)
+    full_decode: bool = False  # decode every image (1/8 scale) instead of checking its header
+    seed: int = 0
+    samples_per_shard: int = 256
+
+    def validate(self) -> "FilterConfig":
+        """Raise ValueError naming the first setting out of range."""
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={self.samples_per_shard}; expected at least 1")
+        if self.clip_top_fraction is not None and not 0 < self.clip_top_fraction <= 1:
+            raise ValueError(f"clip_top_fraction={self.clip_top_fraction}; expected a "
+                             "fraction in (0, 1], or None to keep all")
+        if (self.clip_min_score is not None or self.clip_top_fraction) and not self.clip_model:
+            raise ValueError("clip_min_score / clip_top_fraction need clip_model: the Model "
+                             "artifact folder that scores the image-text pairs")
+        return self
+
+    @property
+    def clip_scoring(self) -> bool:
+        return bool(self.clip_model) and (self.clip_min_score is not None
+                                          or bool(self.clip_top_fraction))
+
+
+class TarSample(NamedTuple):
+    """One sample of an input tar: its members and where their bytes lie in the tar."""
+    key: str
+    members: dict  # ext -> bytes
+    spans: dict  # ext -> (offset of the data in the tar, size)
+
+
+class Verdict(NamedTuple):
+    """What ``check_sample`` found: a drop reason or None, a note, and kept facts."""
+    reason: str | None
+    note: str
+    url: str = ""
+    image_ext: str = "jpg"
+
+
+class SampleInfo(NamedTuple):
+    """What the shard plan needs of a sample that passed the per-sample checks.
+
+    ``(source, position)`` tells apart samples that share a key. About 0.4 kB in memory
+    (the plan holds one per kept sample on one worker: ~4 GB per 10 M samples).
+    """
+    source: int  # index of the input tar
+    position: int  # sample number in that tar
+    key: str
+    sha256: bytes  # digest of the image bytes
+    url_hash: bytes  # 8-byte digest of the URL (b"" when the sample has none)
+    order: int  # 64-bit hash of (seed, key): the output order
+    spans: bytes  # _SPANS-packed (offset, size) of image, json and txt
+    image_ext: str = "jpg"
+    score: float = math.nan  # CLIP image-text cosine similarity, when scored
+
+
+class ShardSlot(NamedTuple):
+    """Where ``plan_shards`` puts a kept sample."""
+    shard: int
+    rank: int  # position in the output shard
+    info: SampleInfo
+
+
+class TruncatedShardError(Exception):
+    """A tar ended before its end-of-archive blocks; ``partial`` samples were cut."""
+
+    def __init__(self, message: str, partial: int):
+        super().__init__(message)
+        self.partial = partial
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/000012.jpg" -> ("dir/000012", "jpg")``: webdataset's key/extension rule.
+
+    The extension starts at the first dot of the file name, as in webdataset.
+    """
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def image_ext_of(members: dict) -> str | None:
+    return next((ext for ext in IMAGE_EXTS if ext in members), None)
+
+
+def _is_complete(members: dict) -> bool:
+    return image_ext_of(members) is not None and "json" in members and "txt" in members
+
+
+def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[TarSample]:
+    """Yield a ``TarSample`` for each sample of a tar, in tar order.
+
+    Members of one sample are consecutive (as webdataset writes them). Only the image
+    (``IMAGE_EXTS``), ``json`` and ``txt`` members are kept. A sample missing one of them
+    is yielded as is: the caller decides (it is a broken sample, not a broken tar).
+
+    Raises:
+        TruncatedShardError: after the last complete sample, when the tar is cut (a
+            member's data ends early, or no end-of-archive block follows the last
+            member). ``partial`` counts the sample cut in the middle (0 or 1).
+    """
+    key, members, spans = None, {}, {}
+    try:
+        for m in iter_members(fileobj):
+            k, ext = split_member_name(m.name)
+            if k != key and key is not None:
+                yield TarSample(key, members, spans)
+                members, spans = {}, {}
+            key = k
+            if ext in IMAGE_EXTS or ext in ("json", "txt"):
+                members[ext] = m.data
+                spans[ext] = (m.offset, len(m.data))
+    except TarFormatError as e:
+        # An OSError (a failed read from gs://) is not caught: the runner retries it.
+        # The sample being read when the tar broke is lost only if it was incomplete.
+        cut_key = split_member_name(e.name)[0] if e.name else key
+        if key is not None and cut_key != key:  # the cut fell in the next sample's data
+            yield TarSample(key, members, spans)  # (broken or not: check_sample decides)
+            partial = 1
+        elif key is not None and _is_complete(members):
+            yield TarSample(key, members, spans)
+            partial = 0
+        else:
+            partial = int(key is not None)
+        raise TruncatedShardError(str(e), partial) from None
+    if key is not None:
+        yield TarSample(key, members, spans)
+
+
+def pack_spans(spans: dict, image_ext: str = "jpg") -> bytes:
+    """``{ext: (offset, size)}`` of a complete sample -> ``SampleInfo.spans``."""
+    return _SPANS.pack(*spans[image_ext], *spans["json"], *spans["txt"])
+
+
+def read_spans(fileobj: IO[bytes], spans: bytes, image_ext: str = "jpg") -> dict:
+    """The members of one sample, read at the ``SampleInfo.spans`` the first pass found."""
+    members = {}
+    numbers = _SPANS.unpack(spans)
+    for ext, offset, size in zip((image_ext, "json", "txt"), numbers[0::2], numbers[1::2]):
+        fileobj.seek(offset)
+        data = fileobj.read(size)
+        if len(data) != size:  # the tar changed since it was checked
+            raise OSError(f"short read of {size} bytes at offset {offset}")
+        members[ext] = data
+    return members
+
+
+def sort_order(seed: int, key: str) -> int:
+    """A 64-bit hash of (seed, key): shuffles samples across input shards, per seed."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def url_hash(url: str) -> bytes:
+    """8 bytes standing for a URL in the dedup set (collisions: ~1 in 10^19 per pair)."""
+    return hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest() if url else b""
+
+
+def check_sample(key: str, members: dict, cfg: FilterConfig, language=None) -> Verdict:
+    """Why one sample is dropped, or None if it passes the per-sample filters.
+
+    Args:
+        key: the sample's key (its member names without extension).
+        members: ``{ext: bytes}`` of one sample (an image, ``txt``, ``json``).
+        cfg: the filter settings.
+        language: callable(text) -> language code, needed when ``cfg.english_only``.
+    Returns:
+        A ``Verdict``: reason is one of ``REASONS`` or None; note says what was wrong
+        (for the debug log); url and image_ext describe a passing sample.
+    """
+    if not safe_key(key):
+        return Verdict("unsafe_name", repr(key[:80]))
+    ext = image_ext_of(members)
+    missing = [m for m in ("json", "txt") if m not in members] + ([] if ext else ["image"])
+    if missing:
+        return Verdict("decode_error", f"missing {'/'.join(missing)} member")
+    try:
+        caption = members["txt"].decode("utf-8").strip()
+        meta = json.loads(members["json"])
+        url = (meta.get("url") or "") if isinstance(meta, dict) else ""
+        facts = image_facts(members[ext], cfg.max_image_pixels, cfg.full_decode)
+    except Exception as e:  # noqa: BLE001 - decoders raise many types for bad data
+        return Verdict("decode_error", f"{type(e).__name__}: {e}"[:200])
+    if facts.too_large:
+        return Verdict("too_large", f"{facts.width}x{facts.height}")
+    width, height = facts.width, facts.height
+    if cfg.min_caption_words and len(caption.split()) < cfg.min_caption_words:
+        return Verdict("caption_words", caption[:80])
+    if cfg.min_caption_chars and len(caption) < cfg.min_caption_chars:
+        return Verdict("caption_chars", caption[:80])
+    if cfg.min_image_side and min(width, height) < cfg.min_image_side:
+        return Verdict("min_side", f"{width}x{height}")
+    if cfg.max_aspect_ratio and max(width, height) / min(width, height) > cfg.max_aspect_ratio:
+        return Verdict("aspect_ratio", f"{width}x{height}")
+    if cfg.english_only and language(caption) != "en":
+        return Verdict("not_english", caption[:80])
+    return Verdict(None, "", str(url), ext)
+
+
+def sample_info(source: int, position: int, sample: TarSample, verdict: Verdict,
+                seed: int) -> SampleInfo:
+    """The plan's view of a sample that passed ``check_sample``."""
+    ext = verdict.image_ext
+    return SampleInfo(source, position, sample.key,
+                      hashlib.sha256(sample.members[ext]).digest(), url_hash(verdict.url),
+                      sort_order(seed, sample.key), pack_spans(sample.spans, ext), ext)
+
+
+def _drop_duplicates(records: list[SampleInfo], cfg: FilterConfig, dropped: dict) -> list:
+    """First of each image / URL / key in (key, source, position) order stays."""
+    seen_sha, seen_url, seen_key, kept = set(), set(), set(), []
+    for info in sorted(records, key=lambda r: (r.key, r.source, r.position)):
+        if cfg.dedup_sha256 and info.sha256 in seen_sha:
+            dropped["duplicate_sha256"] += 1
+        elif cfg.dedup_url and info.url_hash and info.url_hash in seen_url:
+            dropped["duplicate_url"] += 1
+        elif info.key in seen_key:
+            # Output keys must be unique: webdataset would merge the two samples.
+            dropped["duplicate_key"] += 1
+        else:
+            seen_sha.add(info.sha256)
+            seen_url.add(info.url_hash)
+            seen_key.add(info.key)
+            kept.append(info)
+    return kept
+
+
+def _drop_low_scores(kept: list[SampleInfo], cfg: FilterConfig, dropped: dict) -> list:
+    """Apply the CLIP score threshold, then keep the top fraction (ties: smaller key)."""
+    if cfg.clip_min_score is not None:
+        passed = [r for r in kept if r.score >= cfg.clip_min_score]  # NaN (unscored) fails
+        dropped["clip_score"] += len(kept) - len(passed)
+        kept = passed
+    if cfg.clip_top_fraction:
+        n = math.ceil(cfg.clip_top_fraction * len(kept))
+        ranked = sorted(kept, key=lambda r: (-r.score, r.key))
+        dropped["clip_score"] += len(kept) - n
+        kept = ranked[:n]
+    return kept
+
+
+def plan_shards(records: Iterable[SampleInfo], cfg: FilterConfig
+                ) -> tuple[list[ShardSlot], dict[str, int]]:
+    """Drop duplicates and low CLIP scores and place every remaining sample in a shard.
+
+    Runs on metadata only (no image bytes), on all samples at once, so the result does
+    not depend on how the runner split the work.
+
+    Args:
+        records: one ``SampleInfo`` per sample that passed ``check_sample``.
+        cfg: ``dedup_sha256``, ``dedup_url``, the CLIP settings, ``samples_per_shard``.
+    Returns:
+        ``(placements, dropped)``: one ``ShardSlot`` per kept sample, samples sorted by
+        ``order`` (then key) and cut into shards of exactly ``samples_per_shard`` (the
+        last one may be short); ``dropped`` counts ``duplicate_sha256`` (same image
+        bytes: the smallest key stays), ``duplicate_url`` (same URL: likewise),
+        ``duplicate_key`` (same key, other bytes: the first input tar's stays) and
+        ``clip_score``.
+    """
+    dropped = {"duplicate_sha256": 0, "duplicate_url": 0, "duplicate_key": 0, "clip_score": 0}
+    kept = _drop_duplicates(list(records), cfg, dropped)
+    if cfg.clip_scoring:
+        kept = _drop_low_scores(kept, cfg, dropped)
+    kept.sort(key=lambda r: (r.order, r.key))
+    n = cfg.samples_per_shard
+    return [ShardSlot(*divmod(i, n), info) for i, info in enumerate(kept)], dropped
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.tar"
+
+
+def shard_sizes(total: int, samples_per_shard: int) -> list[int]:
+    """``[n, n, ..., remainder]``: how ``plan_shards`` cuts ``total`` samples."""
+    full, rest = divmod(total, samples_per_shard)
+    return [samples_per_shard] * full + ([rest] if rest else [])
+
+
+def output_members(members: dict, image_ext: str) -> dict:
+    """The members to write for a kept sample: its image as ``jpg`` (re-encoded if not)."""
+    if image_ext == "jpg":
+        return members
+    out = {k: v for k, v in members.items() if k != image_ext}
+    out["jpg"] = to_jpeg(members[image_ext])
+    return out
+
+
+def write_shard_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, dict]]) -> int:
+    """Write ``(key, {ext: bytes})`` samples, in the given order, as one tar.
+
+    Header fields that would vary between runs (mtime, owner) are fixed, so the same
+    samples in the same order give byte-identical tars.
+
+    Returns:
+        The number of samples written.
+    """
+    count = 0
+    tar = TarWriter(fileobj)
+    for key, members in samples:
+        for ext in MEMBERS:
+            tar.add(f"{key}.{ext}", members[ext])
+        count += 1
+    tar.close()
+    return count
+
