@@ -14,7 +14,6 @@ import logging
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from clipa_model.config import ConfigError, StageConfig
 from components.clipa_component import TRAIN_IMAGE, clipa_component
 
 log = logging.getLogger("clipa.train")
@@ -79,6 +78,7 @@ def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model
 def main(argv: list[str] | None = None) -> None:
     """Command line: run one stage of a recipe on local / gs:// folders (also under torchrun)."""
     from clipa_model.distributed import resolve_dist_env
+    from components.cli_args import json_items, key_value
     from clipa_model.recipes import RECIPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--checkpoint-dir", default=None,
                     help="resumable checkpoints, local or gs:// (default OUTPUT/checkpoints)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+    ap.add_argument("--set", action="append", default=[], type=key_value("--set", "VALUE"),
+                    metavar="FIELD=VALUE",
                     help="override a StageConfig field, e.g. --set device=cuda (repeatable)")
     args = ap.parse_args(argv)
     from clipa_model.train_stage import train_stage
@@ -99,26 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s")
     stage = RECIPES[args.recipe].stages[args.stage]
-    stage = stage.replace(**_parse_overrides(stage, args.set))
+    stage = stage.replace(**json_items(args.set, stage.to_dict(), what="StageConfig field (--set)"))
     result = train_stage(args.data_dir, args.output_dir, stage, args.preset, args.init,
                              args.checkpoint_dir)
     if rank == 0:
         print(json.dumps(result, indent=2, default=str))
-
-
-def _parse_overrides(stage: StageConfig, items: list[str]) -> dict:
-    """FIELD=VALUE strings -> typed StageConfig changes (JSON values, or plain strings)."""
-    fields = stage.to_dict()
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 if __name__ == "__main__":

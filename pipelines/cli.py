@@ -13,78 +13,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 
 from clipa_model import recipes
-
-
-def _parse_param(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--param expects KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
-
-
-def _coerce(params: list[tuple[str, str]], inputs=None, what: str = "pipeline parameter") -> dict:
-    """Turn KEY=VALUE strings into the parameters' own types.
-
-    Args:
-        params: (key, value) pairs from ``--param``.
-        inputs: a component spec's ``inputs`` (name -> InputSpec); default: clipa_training's.
-        what: how errors name a key ("pipeline parameter", "evaluate parameter", ...).
-    Lists and dicts are JSON (``--param 'models=["a", "b"]'``) or, for lists, comma-separated.
-    """
-    if inputs is None:
-        from pipelines.training_pipeline import clipa_training
-        inputs = clipa_training.component_spec.inputs
-    casts = {"Integer": int, "Float": float, "String": str, "List": _as_list, "Dict": json.loads,
-             "Boolean": lambda v: v.lower() in ("1", "true", "yes")}
-    out = {}
-    for key, value in params:
-        if key not in inputs:
-            raise SystemExit(f"clipa: unknown {what} {key!r}; known: {', '.join(sorted(inputs))}")
-        cast = casts.get(inputs[key].type, str)
-        try:
-            out[key] = cast(value)
-        except ValueError:
-            raise SystemExit(f"clipa: --param {key}={value!r}: expected a {inputs[key].type}") from None
-    return out
-
-
-def _as_list(value: str) -> list:
-    """A JSON list, or comma-separated strings."""
-    if value.lstrip().startswith("["):
-        return json.loads(value)
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def add_placement_args(parser: argparse.ArgumentParser, default: str | None = "a3-highgpu-8g") -> None:
-    """--placement, --data-image and --train-image (shared by compile, submit, schedule, component)."""
-    from pipelines.placement import PLACEMENTS
-
-    parser.add_argument("--placement", default=default, choices=sorted(PLACEMENTS),
-                        help="per-step machines and images (pipelines/placement.py; default: "
-                             f"{default or 'none, every step its plain component'})")
-    parser.add_argument("--data-image", default="",
-                        help="container image of the data steps (download, filter_shard, summarize, "
-                             "record_history); default: the placement's")
-    parser.add_argument("--train-image", default="",
-                        help="container image of the training and evaluation steps; default: the placement's")
-
-
-def placement_from_args(args):
-    """The Placement that --placement/--data-image/--train-image name, or None (no placement)."""
-    from pipelines.placement import resolve_placement
-
-    if args.placement is None and not (args.data_image or args.train_image):
-        return None
-    # Vertex commands: custom jobs run as the job's service account, in its network.
-    return resolve_placement(args.placement or "local", args.data_image, args.train_image,
-                             getattr(args, "service_account", ""), getattr(args, "network", ""))
+from components.cli_args import key_value, typed_params
+from pipelines.placement import add_placement_args, placement_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="zero-shot eval set folder (docs/ARTIFACTS.md); required with --url-list")
     run.add_argument("--workdir", default=None,
                      help="folder for this run's data and artifacts (default: runs/<timestamp>)")
-    run.add_argument("--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE",
+    run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
@@ -134,7 +70,9 @@ def cmd_run(args) -> int:
     from components.run_report import format_summary
 
     workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    overrides = _coerce(args.param)
+    from pipelines.training_pipeline import clipa_training
+
+    overrides = typed_params(args.param, clipa_training.component_spec.inputs)
     result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides)
     print()
     print(format_summary(result.summary))

@@ -123,16 +123,10 @@ def run_component_locally(name: str, inputs: dict, params: dict, output_uri: str
     return {out: os.path.join(output_uri, run, task, out) for out in outputs}
 
 
-def _parse_input(text: str) -> tuple[str, str]:
-    key, sep, uri = text.partition("=")
-    if not sep or not key or not uri:
-        raise argparse.ArgumentTypeError(f"--input expects NAME=URI, got {text!r}")
-    return key.strip(), uri.strip()
-
-
 def add_component_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``component run NAME`` to an argparse ``subparsers`` object."""
-    from pipelines.cli import _parse_param, add_placement_args
+    from components.cli_args import key_value
+    from pipelines.placement import add_placement_args
     from pipelines.vertex import add_vertex_args
 
     comp = subparsers.add_parser("component", help="run one pipeline step alone (locally or on Vertex AI)",
@@ -140,9 +134,9 @@ def add_component_parser(subparsers) -> argparse.ArgumentParser:
     actions = comp.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="run one component with inputs given as URIs")
     run.add_argument("name", help=f"component: one of {', '.join(sorted(COMPONENTS))}")
-    run.add_argument("--input", action="append", default=[], type=_parse_input, metavar="NAME=URI",
+    run.add_argument("--input", action="append", default=[], type=key_value("--input", "URI"), metavar="NAME=URI",
                      help="an input artifact of the component, e.g. --input model=gs://b/.../model (repeatable)")
-    run.add_argument("--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE",
+    run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="a parameter of the component, typed from its spec (repeatable)")
     run.add_argument("--output-uri", required=True,
                      help="where the outputs go: the one-step run's pipeline root (a folder with "
@@ -161,11 +155,12 @@ def run_component_cli(args) -> int:
     import json
     import tempfile
 
-    from pipelines.cli import _coerce, placement_from_args
+    from components.cli_args import typed_params
+    from pipelines.placement import placement_from_args
 
     _, component = get_component(args.name)
     _, param_specs = split_inputs(component)
-    params = _coerce(args.param, param_specs, what=f"{args.name} parameter")
+    params = typed_params(args.param, param_specs, what=f"{args.name} parameter")
     inputs = dict(args.input)
     if args.local:
         for out, path in run_component_locally(args.name, inputs, params, args.output_uri).items():

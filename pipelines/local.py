@@ -93,7 +93,13 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
                              "(a folder as described in docs/ARTIFACTS.md) to score the model on")
     os.makedirs(workdir, exist_ok=True)
     arguments = pipeline_arguments(recipe)
-    _apply_overrides(arguments, overrides or {})
+    from pipelines.training_pipeline import clipa_training
+
+    known = clipa_training.component_spec.inputs
+    unknown = sorted(set(overrides or {}) - set(known))
+    if unknown:
+        raise ValueError(f"unknown pipeline parameter(s) {unknown}; expected one of {sorted(known)}")
+    arguments.update(overrides or {})
     start = time.time()
     counts = None
     with contextlib.ExitStack() as stack:
@@ -124,13 +130,3 @@ def _start_embedded_default(stack: contextlib.ExitStack, workdir: str, recipe,
     log.info("demo data: %d training images, url list %s (%s), served at %s, %.0fs",
              len(demo["samples"]), url_list, counts, base_url, time.time() - t0)
     return url_list, demo["eval_set"], counts
-
-
-def _apply_overrides(arguments: dict, overrides: dict) -> None:
-    from pipelines.training_pipeline import clipa_training
-
-    known = clipa_training.component_spec.inputs
-    for key, value in overrides.items():
-        if key not in known:
-            raise ValueError(f"unknown pipeline parameter {key!r}; expected one of {sorted(known)}")
-        arguments[key] = value

@@ -279,3 +279,26 @@ def place_pipeline(pipeline, placement: Placement):
     with placing(placement):
         return dsl.pipeline(name=pipeline.component_spec.name,
                             description=pipeline.component_spec.description)(pipeline.pipeline_func)
+
+
+# ---------------------------------------------------------------- command-line flags
+
+def add_placement_args(parser, default: str | None = "a3-highgpu-8g") -> None:
+    """--placement, --data-image and --train-image (shared by compile, submit, schedule, component)."""
+    parser.add_argument("--placement", default=default, choices=sorted(PLACEMENTS),
+                        help="per-step machines and images (pipelines/placement.py; default: "
+                             f"{default or 'none, every step its plain component'})")
+    parser.add_argument("--data-image", default="",
+                        help="container image of the data steps (download, filter_shard, summarize, "
+                             "record_history); default: the placement's")
+    parser.add_argument("--train-image", default="",
+                        help="container image of the training and evaluation steps; default: the placement's")
+
+
+def placement_from_args(args):
+    """The Placement that --placement/--data-image/--train-image name, or None (no placement)."""
+    if args.placement is None and not (args.data_image or args.train_image):
+        return None
+    # Vertex commands: custom jobs run as the job's service account, in its network.
+    return resolve_placement(args.placement or "local", args.data_image, args.train_image,
+                             getattr(args, "service_account", ""), getattr(args, "network", ""))

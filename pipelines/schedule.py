@@ -164,7 +164,7 @@ def manage_schedule(target, action: str, schedule_id: str = "") -> list:
 
 def add_schedule_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``schedule create|list|pause|resume|delete`` to an argparse ``subparsers`` object."""
-    from pipelines.cli import add_placement_args
+    from pipelines.placement import add_placement_args
     from pipelines.vertex import add_vertex_args
 
     sched = subparsers.add_parser("schedule", help="periodic benchmark evaluations on Vertex AI",
@@ -200,7 +200,7 @@ def add_schedule_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_schedule(args) -> int:
     """``clipa schedule ...``: print what was created, listed or changed."""
-    from pipelines.cli import placement_from_args
+    from pipelines.placement import placement_from_args
     from pipelines.vertex import target_from_args
 
     if args.action == "create":

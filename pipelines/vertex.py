@@ -19,6 +19,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from components.cli_args import key_value, typed_params
+
 
 @dataclass(frozen=True)
 class VertexTarget:
@@ -31,13 +33,6 @@ class VertexTarget:
     labels: dict = field(default_factory=dict)
     enable_caching: bool | None = None  # None: the compiled per-task settings
     api_endpoint: str = ""
-
-
-def _parse_label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--label expects KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
 
 
 def add_vertex_args(parser: argparse.ArgumentParser, pipeline_root: bool = True) -> None:
@@ -53,7 +48,7 @@ def add_vertex_args(parser: argparse.ArgumentParser, pipeline_root: bool = True)
                         help="service account the steps run as (default: the project's Compute default)")
     parser.add_argument("--network", default="",
                         help="VPC network to peer with, projects/NUMBER/global/networks/NAME")
-    parser.add_argument("--label", action="append", default=[], type=_parse_label, metavar="KEY=VALUE",
+    parser.add_argument("--label", action="append", default=[], type=key_value("--label"), metavar="KEY=VALUE",
                         help="label of the job (repeatable)")
     parser.add_argument("--api-endpoint", default="",
                         help="Vertex AI API endpoint (default: REGION-aiplatform.googleapis.com)")
@@ -152,7 +147,7 @@ def check_parameters(pipeline, values: dict) -> None:
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``submit`` subcommand to an argparse ``subparsers`` object."""
-    from pipelines.cli import _parse_param, add_placement_args
+    from pipelines.placement import add_placement_args
 
     sub = subparsers.add_parser(
         "submit", help="compile and submit the training pipeline to Vertex AI Pipelines",
@@ -160,7 +155,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                     "submit it as a Vertex AI PipelineJob; prints the job's console link.")
     add_vertex_args(sub)
     add_placement_args(sub)
-    sub.add_argument("--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE",
+    sub.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="a pipeline parameter, e.g. --param url_list=gs://b/urls.parquet (repeatable; "
                           "url_list and eval_set are required)")
     sub.add_argument("--dataflow", action="store_true",
@@ -178,12 +173,12 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_submit(args) -> int:
     """``clipa submit``: check, compile, build the job, then print or send it."""
-    from pipelines.cli import _coerce, placement_from_args
+    from pipelines.placement import placement_from_args
     from pipelines.compile import compile_pipeline, get_pipeline
 
     target = target_from_args(args)
     pipeline = get_pipeline("training")
-    values = _coerce(args.param, pipeline.component_spec.inputs)
+    values = typed_params(args.param, pipeline.component_spec.inputs)
     check_parameters(pipeline, values)
     placement = placement_from_args(args)
     if args.dataflow:

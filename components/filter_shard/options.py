@@ -16,8 +16,9 @@ docs/DATA.md. From the command line::
 from __future__ import annotations
 
 import argparse
-import json
 import os
+
+from components.cli_args import json_items, key_value
 
 
 def dataflow_options(project: str, region: str, temp_location: str, *,
@@ -81,18 +82,6 @@ def dataflow_options(project: str, region: str, temp_location: str, *,
     return options
 
 
-def _flag_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> options; numbers and true/false parsed as JSON."""
-    options = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
-
-
 def parse_args(argv: list[str] | None, description: str) -> dict:
     """The command line of ``python -m components.filter_shard`` -> run_filter_shard kwargs."""
     ap = argparse.ArgumentParser(prog="python -m components.filter_shard",
@@ -123,10 +112,11 @@ def parse_args(argv: list[str] | None, description: str) -> dict:
                     help="a wheel of this project for the workers (repeatable)")
     df.add_argument("--setup-file", default="",
                     help="pyproject.toml of this project: Beam builds and ships an sdist")
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--option", action="append", default=[], type=key_value("--option"),
+                    metavar="KEY=VALUE",
                     help="a Beam pipeline option (repeatable), e.g. direct_num_workers=2")
     a = ap.parse_args(argv)
-    options = _flag_options(a.option)
+    options = json_items(a.option)
     if a.runner == "DataflowRunner":
         options = dataflow_options(a.project, a.region, a.temp_location,
                                    machine_type=a.machine_type, max_num_workers=a.max_workers,

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from components.cli_args import json_items, key_value, typed_params
 from pipelines import cli
 from pipelines.compile import compile_pipeline
 from pipelines.training_pipeline import STAGE_PREFIX, clipa_training, pipeline_arguments
@@ -67,12 +68,24 @@ def test_help_documents_every_option(capsys):
 
 
 def test_param_override_is_typed_and_checked():
-    assert cli._coerce([("pretrain_samples", "123"), ("pretrain_lr", "1e-3")]) == {
+    inputs = clipa_training.component_spec.inputs
+    assert typed_params([("pretrain_samples", "123"), ("pretrain_lr", "1e-3")], inputs) == {
         "pretrain_samples": 123, "pretrain_lr": 1e-3}
-    with pytest.raises(SystemExit, match="unknown pipeline parameter 'no_such'"):
-        cli._coerce([("no_such", "1")])
-    with pytest.raises(SystemExit, match="expected a Integer"):
-        cli._coerce([("pretrain_samples", "many")])
+    with pytest.raises(ValueError, match="unknown pipeline parameter 'no_such'"):
+        typed_params([("no_such", "1")], inputs)
+    with pytest.raises(ValueError, match="expected a Integer"):
+        typed_params([("pretrain_samples", "many")], inputs)
+
+
+def test_key_value_flags_share_one_parser(capsys):
+    """Every CLI's KEY=VALUE flag goes through components.cli_args: same split, same error."""
+    assert key_value("--param")("a = b=c") == ("a", "b=c")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--param", "no-equals-sign"])
+    assert "--param expects KEY=VALUE, got 'no-equals-sign'" in capsys.readouterr().err
+    assert json_items([("n", "3"), ("flag", "true"), ("s", "x y")]) == {"n": 3, "flag": True, "s": "x y"}
+    with pytest.raises(ValueError, match="unknown StageConfig field 'nope'"):
+        json_items([("nope", "1")], {"lr": 1}, what="StageConfig field")
 
 
 def _no_file(path):
