@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for this run's data and artifacts (default: runs/<timestamp>)")
     run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show kfp.local's full output live (it always goes to WORKDIR/clipa-run.log)")
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
                           description="Compile the training or the eval pipeline. Without --placement "
@@ -66,18 +69,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from pipelines.local import run_local
     from components.run_report import format_summary
-
-    workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    from pipelines.local import run_local
     from pipelines.training_pipeline import clipa_training
 
+    workdir = os.path.abspath(args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     overrides = typed_params(args.param, clipa_training.component_spec.inputs)
-    result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides)
+    log_path = os.path.join(workdir, LOG_NAME)
+    with _run_log(log_path, args.verbose) as view:
+        print(f"clipa run: recipe {args.recipe}, workdir {workdir}; full log: {log_path}", flush=True)
+        result = run_local(workdir, args.recipe, args.url_list, args.eval_set, overrides, view)
     print()
     print(format_summary(result.summary))
     print(f"total {result.seconds:.0f}s; report: {result.report_path}")
     return 0
+
+
+LOG_NAME = "clipa-run.log"
+
+
+@contextlib.contextmanager
+def _run_log(log_path: str, verbose: bool):
+    """A ``LiveView`` on stdout whose full log is ``log_path``; this process's own log
+    records go to that file too (warnings and errors also to the console).
+
+    The log file is opened only once the run starts: a run refused by its checks leaves no
+    folder behind.
+    """
+    from pipelines.console import LiveView
+
+    class _LazyFile:  # the workdir exists only after run_local's checks passed
+        def __init__(self):
+            self.f = None
+
+        def write(self, text):
+            if self.f is None:
+                os.makedirs(os.path.dirname(log_path), exist_ok=True)
+                self.f = open(log_path, "a", buffering=1)
+            return self.f.write(text)
+
+        def flush(self):
+            if self.f is not None:
+                self.f.flush()
+
+    log_file = _LazyFile()
+    view = LiveView(log_file, sys.stdout, verbose=verbose)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    file_handler = logging.StreamHandler(view)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.handlers = [file_handler, console]
+    try:
+        yield view
+    finally:
+        root.handlers = saved
+        if log_file.f is not None:
+            log_file.f.close()
 
 
 def cmd_compile(args) -> int:

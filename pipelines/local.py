@@ -12,8 +12,11 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass
+from typing import TextIO
 
 from clipa_model import recipes
 
@@ -50,8 +53,12 @@ def prepare_demo_data(workdir: str, recipe: recipes.Recipe, seed: int = 0) -> di
     return {"www": www, "samples": samples, "eval_set": eval_dir}
 
 
-def run_pipeline_locally(pipeline_root: str, arguments: dict):
-    """Run ``clipa_training`` through kfp.local and return the summary artifact's path."""
+def run_pipeline_locally(pipeline_root: str, arguments: dict, view: TextIO | None = None):
+    """Run ``clipa_training`` through kfp.local and return the summary artifact's path.
+
+    Args:
+        view: where kfp.local's output goes (a ``console.LiveView``); default: stdout.
+    """
     from kfp import local
 
     from pipelines.training_pipeline import clipa_training
@@ -60,12 +67,21 @@ def run_pipeline_locally(pipeline_root: str, arguments: dict):
     # the package installed, exactly like the component images on Vertex.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root,
                raise_on_error=True)
-    task = clipa_training(**arguments)
+    if hasattr(view, "display_names"):
+        tasks = clipa_training.pipeline_spec.root.dag.tasks
+        view.display_names.update({key: t.task_info.name for key, t in tasks.items()})
+    with warnings.catch_warnings(), contextlib.redirect_stdout(view or sys.stdout):
+        # kfp.local warns that our image names are not Python images (running them in this
+        # environment is the point of the local runner) and that display names are unused.
+        warnings.filterwarnings("ignore", message="You may be attemping to run a task")
+        warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+        task = clipa_training(**arguments)
     return task.output.path
 
 
 def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = None,
-              eval_set: str | None = None, overrides: dict | None = None) -> LocalRun:
+              eval_set: str | None = None, overrides: dict | None = None,
+              view: TextIO | None = None) -> LocalRun:
     """Run the whole pipeline locally, on the embedded default unless ``url_list`` is given.
 
     Args:
@@ -73,6 +89,7 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         recipe_name: a recipe of ``clipa_model.recipes`` (``demo``, ``smoke``).
         url_list: a real URL list; then ``eval_set`` must name an eval set folder.
         overrides: pipeline parameters that replace the recipe's.
+        view: where kfp.local's output goes (``console.LiveView``); default: stdout.
     Raises:
         UrlListError: the URL list is missing or malformed (checked before any work).
         ValueError: an unknown recipe or parameter, or a URL list without eval set.
@@ -109,7 +126,7 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
             # The demo server is on loopback, which the download refuses unless allowed.
             arguments.setdefault("download_allow_networks", DEMO_ALLOW_NETWORKS)
         arguments.update(url_list=url_list, eval_set=eval_set)
-        summary_path = run_pipeline_locally(os.path.join(workdir, "pipeline_root"), arguments)
+        summary_path = run_pipeline_locally(os.path.join(workdir, "pipeline_root"), arguments, view)
     with open(summary_path) as f:
         summary = json.load(f)
     summary["demo_url_list"] = counts

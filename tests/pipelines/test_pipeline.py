@@ -149,6 +149,16 @@ def test_clipa_run_smoke_end_to_end(tmp_path):
     out = proc.stdout
     for name in stages:
         assert name in out
+    # The console: a short view (a line per step as it starts and ends), the full log in a file.
+    log_path = workdir / "clipa-run.log"
+    assert f"full log: {log_path}" in out
+    assert len(out.splitlines()) < 60, out
+    for task in ("split-url-list", "download-part", "filter-shard", "pretrain-84", "finetune-224",
+                 "finetune-336", "evaluate-finetune-336", "summarize"):
+        assert re.search(rf"\] {task} done in [\d.]+ s", out), task
+    assert re.search(r"pretrain-84 done in .*samples/s", out)
+    log = log_path.read_text()
+    assert "executor_input" in log and "executor_input" not in out
     assert "final zero-shot top-1" in out and "mean-colour" in out
     report = out.strip().splitlines()[-1].split("report: ")[-1]
     html = open(report).read()
