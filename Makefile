@@ -15,8 +15,8 @@ XLA_STAMP := $(XLA_VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[vertex,test]"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -c constraints.txt -e ".[vertex,test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,8 +29,8 @@ test: $(STAMP)
 
 $(XLA_STAMP): tests/xla/requirements.txt
 	test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
-	$(XLA_VENV)/bin/python -m pip install -q --upgrade pip
-	$(XLA_VENV)/bin/python -m pip install -q --no-cache-dir -r tests/xla/requirements.txt
+	$(XLA_VENV)/bin/python -m pip install -qq --upgrade pip
+	$(XLA_VENV)/bin/python -m pip install -qq --no-cache-dir -r tests/xla/requirements.txt
 	touch $(XLA_STAMP)
 
 setup-xla: $(XLA_STAMP)
