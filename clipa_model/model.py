@@ -15,7 +15,7 @@ from torch import nn
 
 from clipa_model.config import ConfigError
 from clipa_model.presets import Preset, get_preset
-from clipa_model.token_reduction import IMAGE_MASKS, ImageTokenMasking
+from clipa_model.token_reduction import IMAGE_MASK_FNS, ImageTokenMasking
 
 
 def check_sizes(preset: Preset, image_size: int, text_len: int, mask_ratio: float = 0.0) -> None:
@@ -45,8 +45,8 @@ def build_model(preset: str | Preset, image_size: int, text_len: int,
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     check_sizes(p, image_size, text_len, mask_ratio)
-    if image_mask not in IMAGE_MASKS:
-        raise ConfigError(f"image_mask={image_mask!r}: expected one of {IMAGE_MASKS}")
+    if image_mask not in IMAGE_MASK_FNS:
+        raise ConfigError(f"image_mask={image_mask!r}: expected one of {sorted(IMAGE_MASK_FNS)}")
     vision = CLIPVisionCfg(**vision_cfg(p, image_size))
     text = CLIPTextCfg(**text_cfg(p, text_len))
     model = CLIP(embed_dim=p.embed_dim, vision_cfg=vision, text_cfg=text)

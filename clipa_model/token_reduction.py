@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from clipa_model.config import IMAGE_MASKS, TEXT_REDUCTIONS  # noqa: F401 (re-exported)
+from clipa_model.config import IMAGE_MASKS
 
 
 # ---------------------------------------------------------------- image
@@ -102,8 +102,9 @@ def block_keep_indices(batch: int, grid: int, keep: int, device=None) -> torch.T
     return _smallest_k(keys, keep)
 
 
-_KEEP_FNS = {"random": random_keep_indices, "grid": grid_keep_indices,
-             "block": block_keep_indices}
+# The image-mask registry: config.IMAGE_MASKS names exactly these (a test checks it).
+IMAGE_MASK_FNS = {"random": random_keep_indices, "grid": grid_keep_indices,
+                  "block": block_keep_indices}
 
 
 class ImageTokenMasking(nn.Module):
@@ -119,7 +120,7 @@ class ImageTokenMasking(nn.Module):
 
     def __init__(self, mask_ratio: float, strategy: str = "random"):
         super().__init__()
-        if strategy not in _KEEP_FNS:
+        if strategy not in IMAGE_MASK_FNS:
             raise ValueError(f"image_mask={strategy!r}: expected one of {IMAGE_MASKS}")
         self.mask_ratio, self.strategy = mask_ratio, strategy
 
@@ -132,7 +133,7 @@ class ImageTokenMasking(nn.Module):
             return x
         batch, n, width = x.shape[0], x.shape[1] - 1, x.shape[2]
         grid = math.isqrt(n)
-        keep = _KEEP_FNS[self.strategy](batch, grid, num_kept(n, self.mask_ratio), x.device)
+        keep = IMAGE_MASK_FNS[self.strategy](batch, grid, num_kept(n, self.mask_ratio), x.device)
         patches = torch.gather(x[:, 1:], 1, keep.unsqueeze(-1).expand(-1, -1, width))
         return torch.cat([x[:, :1], patches], dim=1)
 
@@ -208,3 +209,29 @@ def pos_tag(text: str) -> list[tuple[str, str]]:
         [(word, tag), ...], punctuation as separate words.
     """
     return [(str(w), str(t)) for w, t in _pattern_tagger().tag(text)]
+
+
+def syntax_mask_text(text: str, encode, budget: int, rng: random.Random | None = None) -> list:
+    """CLIPA's syntax masking of a caption: its words kept by part of speech to fit ``budget``.
+
+    Args:
+        encode: caption or word -> token ids (the tokenizer's own).
+    """
+    ids = encode(text)
+    if len(ids) <= budget:
+        return ids
+    tagged = pos_tag(text)
+    pieces = [encode(word) for word, _ in tagged]
+    kept = syntax_mask_words([t for _, t in tagged], [len(p) for p in pieces], budget)
+    return [i for k in kept for i in pieces[k]]
+
+
+def _on_tokens(fn):
+    """A token-list reduction as a caption reduction: ``(text, encode, budget, rng) -> ids``."""
+    return lambda text, encode, budget, rng: fn(encode(text), budget, rng)
+
+
+# The text-reduction registry: config.TEXT_REDUCTIONS names exactly these (a test checks it).
+# Each is ``(caption, encode, budget, rng) -> token ids``.
+TEXT_REDUCTION_FNS = {"truncate": _on_tokens(truncate_tokens), "random": _on_tokens(random_mask_tokens),
+                      "block": _on_tokens(block_mask_tokens), "syntax": syntax_mask_text}

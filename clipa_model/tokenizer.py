@@ -174,8 +174,8 @@ class CaptionTokenizer:
                  vocab_path: str | None = None):
         if text_len < 2:
             raise ConfigError(f"text_len={text_len}: expected at least 2 (start and end tokens)")
-        if reduction not in tr.TEXT_REDUCTIONS:
-            raise ConfigError(f"text_reduction={reduction!r}: expected one of {tr.TEXT_REDUCTIONS}")
+        if reduction not in tr.TEXT_REDUCTION_FNS:
+            raise ConfigError(f"text_reduction={reduction!r}: expected one of {sorted(tr.TEXT_REDUCTION_FNS)}")
         self.kind, self.text_len, self.reduction = kind, text_len, reduction
         self.context_length = text_len  # open_clip's attribute name
         self.rng = random.Random(seed)
@@ -197,21 +197,7 @@ class CaptionTokenizer:
 
     def reduce(self, text: str) -> list[int]:
         """Caption -> at most ``text_len - 2`` token ids, chosen by the reduction."""
-        budget = self.text_len - 2
-        if self.reduction == "syntax":
-            return self._syntax(text, budget)
-        fn = {"truncate": tr.truncate_tokens, "random": tr.random_mask_tokens,
-              "block": tr.block_mask_tokens}[self.reduction]
-        return fn(self._encode(text), budget, self.rng)
-
-    def _syntax(self, text: str, budget: int) -> list[int]:
-        ids = self._encode(text)
-        if len(ids) <= budget:
-            return ids
-        tagged = tr.pos_tag(text)
-        pieces = [self._encode(word) for word, _ in tagged]
-        kept = tr.syntax_mask_words([t for _, t in tagged], [len(p) for p in pieces], budget)
-        return [i for k in kept for i in pieces[k]]
+        return tr.TEXT_REDUCTION_FNS[self.reduction](text, self._encode, self.text_len - 2, self.rng)
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         if isinstance(texts, str):

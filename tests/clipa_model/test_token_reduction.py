@@ -195,3 +195,19 @@ def test_text_config_errors_name_the_field():
         StageConfig(image_mask="checker")
     with pytest.raises(ConfigError, match="vocab_path"):
         find_bert_vocab("/nonexistent/vocab.txt")
+
+
+def test_every_configurable_name_resolves_in_its_registry():
+    """config.py lists the names a StageConfig accepts (torch-free); the registries hold the
+    code. A name in one and not the other would pass validation and fail mid-training."""
+    from clipa_model.config import IMAGE_MASKS, TEXT_REDUCTIONS
+
+    assert set(IMAGE_MASKS) == set(tr.IMAGE_MASK_FNS)
+    assert set(TEXT_REDUCTIONS) == set(tr.TEXT_REDUCTION_FNS)
+    for name in IMAGE_MASKS:
+        keep = tr.IMAGE_MASK_FNS[name](2, 6, 9)          # a 6x6 grid, 9 patches kept
+        assert keep.shape == (2, 9) and bool((keep[:, 1:] > keep[:, :-1]).all())
+    encode = lambda text: [len(w) for w in text.split()]  # noqa: E731  a word -> its length
+    for name in TEXT_REDUCTIONS:
+        ids = tr.TEXT_REDUCTION_FNS[name]("a red cat sits on the old mat", encode, 4, random.Random(0))
+        assert len(ids) == 4, name
