@@ -1,7 +1,7 @@
 """Input pipelines: webdataset shards -> uint8 image batches + token batches.
 
 Training reads the ``filtered_shards`` artifact (``shard-NNNNN.tar`` with KEY.jpg / KEY.txt
-/ KEY.json, manifest.json); evaluation reads the ``eval_set`` artifact (KEY.jpg / KEY.cls).
+/ KEY.json, manifest.json); evaluation sets are read by ``clipa_model/eval/data.py``.
 JPEGs are decoded at reduced scale where PIL's draft mode allows (1/2, 1/4, 1/8), cropped
 and resized in one PIL call, and kept uint8 until the training step, which normalises them
 (``normalize``): 4x less memory traffic than float32 between loader and model.
@@ -21,8 +21,6 @@ from PIL import Image
 
 from clipa_model.artifacts import ArtifactError, join, read_json, read_marker
 
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
 
 # ---------------------------------------------------------------- shard lists
 
@@ -41,16 +39,6 @@ def list_train_shards(data_dir: str) -> tuple[list[str], int]:
         raise ArtifactError(f"{data_dir}: empty dataset (manifest.json 'total' is "
                             f"{manifest.get('total', 0)}); expected at least one sample")
     return [join(data_dir, s["name"]) for s in shards], total
-
-
-def list_eval_shards(eval_dir: str) -> tuple[list[str], dict]:
-    """Shard paths of an ``eval_set`` artifact and its classes.json."""
-    marker = read_marker(eval_dir, "eval_set")
-    if not marker.get("shards") or not marker.get("count"):
-        raise ArtifactError(f"{eval_dir}: empty eval set (marker 'count' is "
-                            f"{marker.get('count')}); expected labelled images")
-    classes = read_json(join(eval_dir, "classes.json"))
-    return [join(eval_dir, s) for s in marker["shards"]], classes
 
 
 # ---------------------------------------------------------------- image ops
@@ -226,28 +214,3 @@ def train_batches(data_dir: str, image_size: int, batch_size: int, steps: int,
         source = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                              prefetch_factor=4, persistent_workers=False)
     yield from itertools.islice(source, max(0, steps - start_step))
-
-
-# ---------------------------------------------------------------- eval stream
-
-def eval_batches(eval_dir: str, image_size: int, batch_size: int,
-                 interpolation: str = "bilinear") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The labelled eval set in order, resized whole to ``image_size``.
-
-    Yields:
-        (images (B, 3, S, S) uint8, labels (B,) int64); the last batch may be smaller.
-    """
-    urls, _ = list_eval_shards(eval_dir)
-    resample = _RESAMPLE[interpolation]
-
-    def decode(sample: dict) -> tuple[np.ndarray, int]:
-        img = open_jpeg(sample["jpg"], image_size)
-        return center_resize(img, image_size, resample), int(sample["cls"].decode().strip())
-
-    def collate(batch):
-        images, labels = zip(*batch)
-        return _to_chw(list(images)), torch.tensor(labels, dtype=torch.long)
-
-    yield from wds.DataPipeline(
-        wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(decode),
-        wds.batched(batch_size, collation_fn=collate, partial=True))

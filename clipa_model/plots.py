@@ -40,16 +40,3 @@ def plot_curve(history: list[dict], title: str = "") -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
-
-
-def plot_per_class(classnames: list[str], accuracy: list[float], title: str = "") -> bytes:
-    """Horizontal bars: zero-shot top-1 accuracy of each class. Returns PNG bytes."""
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(classnames) + 1))
-    ax.barh(range(len(classnames)), accuracy, color="tab:blue")
-    ax.set_yticks(range(len(classnames)), classnames)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("top-1 accuracy")
-    ax.set_title(title)
-    ax.grid(axis="x", alpha=0.3)
-    return _png(fig)

@@ -47,11 +47,6 @@ def lr_at(step: int, steps: int, warmup_steps: int, peak_lr: float) -> float:
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocast(precision: str):
-    """CPU mixed precision (kept for callers of the CPU-only loop): see ``devices.autocast``."""
-    return devices.autocast(precision, "cpu")
-
-
 def make_optimizer(model: torch.nn.Module, stage: StageConfig,
                    device: torch.device | None = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (decay on weight matrices only).
