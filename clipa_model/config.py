@@ -1,6 +1,6 @@
 """One training stage as a typed config (pretrain, finetune_224, finetune_336).
 
-Defaults follow the CLIPA-v2 recipe (docs: /work/shared/CLIPA_REFERENCE.md): AdamW with
+Defaults follow the CLIPA-v2 recipe (docs/PAPER.md): AdamW with
 betas (0.9, 0.95), decoupled weight decay 0.2 on weight matrices, linear warmup then cosine
 decay to zero. The sample counts and batch sizes are the caller's (see ``recipes.py``).
 """
@@ -29,7 +29,8 @@ class StageConfig:
         stage: name, e.g. "pretrain", "finetune_224", "finetune_336".
         image_size: input side in pixels; a multiple of the preset's patch size.
         text_len: text tokens per caption, start/end tokens included (truncation).
-        mask_ratio: fraction of image patches dropped at random in training (0 = none).
+        mask_ratio: fraction of image patches dropped in training (0 = none), chosen by
+            ``image_mask``.
         samples: samples seen in this stage (several epochs over the shards if needed).
         batch_size: contrastive batch (the negatives each sample sees).
         lr: peak learning rate.

@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
     # CPU demo and tests: ~3.5 M parameters outside the token embedding.
     "tiny": Preset(embed_dim=128, patch_size=14, vision_width=128, vision_layers=4,
                    vision_heads=2, text_width=128, text_layers=2, text_heads=2, **_BPE),
-    # The paper's sizes (CLIPA_REFERENCE.md, architecture table).
+    # The paper's sizes (docs/PAPER.md, architecture table).
     "S/16": Preset(384, 16, 384, 12, 6, 384, 12, 6),
     "B/16": Preset(512, 16, 768, 12, 12, 512, 12, 8),
     "L/14": Preset(768, 14, 1024, 24, 16, 768, 12, 12, open_clip_name="ViT-L-14-CLIPA"),

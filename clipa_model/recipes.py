@@ -110,7 +110,7 @@ def paper_stage(stage: str, image_size: int, text_len: int, samples: int, batch_
 
 def paper_schedule(pretrain_px: int = 84, finetune_336: bool = True) -> dict[str, StageConfig]:
     """CLIPA-v2's schedule: 12.8B@84 (8 tokens, syntax masking) + 512M@224 (30% masked) +
-    128M@336 (40% masked) (CLIPA_REFERENCE.md, recipe table)."""
+    128M@336 (40% masked) (docs/PAPER.md, recipe table)."""
     stages = {
         "pretrain": paper_stage("pretrain", pretrain_px, 8, 12_800_000_000, 65_536, 8e-6, 3_200,
                                 text_reduction="syntax"),

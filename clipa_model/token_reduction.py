@@ -1,6 +1,6 @@
 """Token reduction, the heart of CLIPA: fewer image patches and text tokens per sample.
 
-Image (CLIPA v1 ablations; CLIPA_REFERENCE.md):
+Image (CLIPA v1 ablations; docs/PAPER.md):
 
 - ``resize`` (the default and the best): a smaller ``image_size`` gives fewer patches while
   keeping the whole image. It is the stage's image size, applied by the data loader.

@@ -25,7 +25,7 @@ def test_every_preset_and_recipe_name_resolves():
 
 
 def test_paper_presets_follow_the_reference_table():
-    # (vision width, depth, heads), (text width, depth, heads), embed dim: CLIPA_REFERENCE.md
+    # (vision width, depth, heads), (text width, depth, heads), embed dim: docs/PAPER.md
     assert (PRESETS["H/14"].vision_width, PRESETS["H/14"].vision_layers) == (1280, 32)
     assert (PRESETS["L/14"].text_width, PRESETS["L/14"].text_layers) == (768, 12)
     assert PRESETS["B/16"].embed_dim == 512 and PRESETS["S/16"].vision_heads == 6
