@@ -2,7 +2,7 @@
 
 ``benchmark`` runs ``components.evaluate.run_benchmarks`` for one model (the pipeline fans
 out over models); ``record_history`` appends every model's rows to the parquet history as
-one part file of this run (clipa_model/history.py) and renders the trend report.
+one part file of this run (clipa_model/eval/history.py) and renders the trend report.
 
     python -m components.benchmark HISTORY EVALUATION_DIR... [--run-id ID]
 

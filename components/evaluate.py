@@ -9,7 +9,7 @@ onto ``run_evaluate`` and logs the headline numbers as metrics.
     python -m components.evaluate MODEL --benchmark imagenet=zeroshot:gs://b/val OUT_DIR
 
 MODEL is a Model artifact folder, an exported folder or open_clip:NAME:FILE
-(clipa_model/eval_models.py). No ``from __future__ import annotations`` here: KFP reads
+(clipa_model/eval/models.py). No ``from __future__ import annotations`` here: KFP reads
 the artifact annotations as objects.
 """
 import argparse
@@ -74,7 +74,7 @@ def run_benchmarks(model: str, benchmarks: list, output_dir: str, batch_size: in
     nothing is written before every benchmark has finished.
 
     Args:
-        model: model reference (eval_models.py); benchmarks: specs (benchmarks.py).
+        model: model reference (eval/models.py); benchmarks: specs (eval/benchmarks.py).
         output_dir: folder to create: results.json, metrics.json, report.html, marker.
         batch_size: images per forward pass; device: "auto", "cpu", "cuda".
         num_workers: decoding processes (-1: cores - 1, at most 8).

@@ -7,7 +7,7 @@ Compiled to ``eval_pipeline.yaml`` (a test checks that it is current); ``clipa s
 runs it periodically on Vertex AI (docs/VERTEX.md).
 Models are reference strings (a Model artifact folder, an exported folder, or
 open_clip:NAME:FILE), benchmarks are ``[NAME=]zeroshot|retrieval:PATH`` strings or dicts
-(clipa_model/benchmarks.py).
+(clipa_model/eval/benchmarks.py).
 """
 
 from kfp import dsl

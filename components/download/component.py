@@ -9,8 +9,8 @@ package adds what a web-scale list needs:
   and counted (``components.download.url_safety``), unless ``allow_networks`` lets them through;
 * per-shard stats are summed with failures by short reason, and reported as KFP
   Metrics and an HTML page (``components.download.stats``);
-* the list can be split into parts downloaded by parallel tasks (``components.
-  download_run``); the pipeline wires them as ``components.download.pipeline.download``.
+* the list can be split into parts downloaded by parallel tasks
+  (``components.download.run``); the pipeline wires them as ``components.download.pipeline.download``.
 
 Output folder (see docs/ARTIFACTS.md): ``NNNNN.tar`` (``KEY.jpg``, ``KEY.txt``,
 ``KEY.json``), ``NNNNN.parquet``, ``NNNNN_stats.json``, ``report.html`` and
