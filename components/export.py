@@ -124,14 +124,14 @@ def export(pretrain_model: Input[Model], finetune_224_model: Input[Model],
            finetune_224_eval: Input[Metrics], finetune_336_eval: Input[Metrics],
            shards: Input[Dataset], filtered: Input[Dataset], eval_set: Input[Dataset],
            exported: Output[Model], name: str = "", repo_id: str = ""
-           ) -> NamedTuple("Registry", artifact_uri=str, description=str, labels=dict):
+           ) -> NamedTuple("Registry", artifact_uri=str, display_name=str, description=str, labels=dict):
     """The final model as an open_clip / Hugging Face Hub folder with its model card.
 
     Outputs:
         exported: open_clip_model.safetensors, open_clip_config.json, README.md (model
             card), card.json (tokenizer files for BERT presets).
-        artifact_uri, description, labels: the folder's URI and the card's summary, for
-            Vertex AI Model Registry.
+        artifact_uri, display_name, description, labels: the folder's URI, the model's
+            name and the card's summary, for Vertex AI Model Registry.
     """
     import os
 
@@ -143,7 +143,7 @@ def export(pretrain_model: Input[Model], finetune_224_model: Input[Model],
                         os.path.basename(eval_set.uri.rstrip("/")))
     reg = result["registry"]
     exported.metadata.update(name=reg["display_name"], repo_id=repo_id, framework="open_clip")
-    return (exported.uri, reg["description"], reg["labels"])
+    return (exported.uri, reg["display_name"], reg["description"], reg["labels"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,9 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         if eval_set is None:
             raise ValueError("--eval-set is required with --url-list: the zero-shot eval set "
                              "(a folder as described in docs/ARTIFACTS.md) to score the model on")
+    if (overrides or {}).get("registry_serving_image"):
+        raise ValueError("registry_serving_image: the Model Registry upload runs on Vertex AI only "
+                         "(clipa submit); locally the export folder is the result")
     os.makedirs(workdir, exist_ok=True)
     arguments = pipeline_arguments(recipe)
     from pipelines.training_pipeline import clipa_training

@@ -29,7 +29,7 @@ from components.clipa_component import DATA_IMAGE, TRAIN_IMAGE
 # Steps that run on the data image (img2dataset + Beam); the others use the train image.
 DATA_STEPS = frozenset({"download", "filter_shard", "summarize", "record_history"})
 STEPS = ("download", "filter_shard", "pretrain", "finetune", "evaluate", "summarize",
-         "benchmark", "record_history")
+         "benchmark", "record_history", "export")
 TRAIN_STEPS = ("pretrain", "finetune")
 
 

@@ -1,7 +1,10 @@
 """The full CLIPA training pipeline: URL list -> zero-shot-evaluated model.
 
 download -> filter_shard -> pretrain (84 px) -> finetune (224 px) -> finetune (336 px),
-with a zero-shot evaluation after each training stage and a summary at the end.
+with a zero-shot evaluation after each training stage, a summary, and an ``export`` of the
+final model (open_clip / Hugging Face Hub folder with a model card). Given a serving image
+(``registry_serving_image``), the export is also uploaded to Vertex AI Model Registry with
+google-cloud-pipeline-components' ``ModelUploadOp`` (Vertex AI only).
 
 Per-step machines and images are chosen at compile time: ``place_pipeline(clipa_training,
 get_placement("a3-highgpu-8g"))`` (pipelines/placement.py).
@@ -17,6 +20,7 @@ from kfp.dsl import Artifact, Dataset
 from clipa_model import recipes
 from components.download.pipeline import download
 from components.evaluate import evaluate
+from components.export import export
 from components.filter_shard.component import filter_shard
 from components.run_report import summarize
 from components.train import finetune, pretrain
@@ -30,6 +34,7 @@ pretrain = PlacedStep("pretrain", pretrain)
 finetune = PlacedStep("finetune", finetune)
 evaluate = PlacedStep("evaluate", evaluate)
 summarize = PlacedStep("summarize", summarize)
+export = PlacedStep("export", export)
 
 PIPELINE_NAME = "clipa-training"
 
@@ -56,6 +61,29 @@ def pipeline_arguments(recipe: recipes.Recipe) -> dict:
                 continue  # CLIPA pretrains on resized images; masking is a finetune tool
             args[f"{prefix}_{field}"] = getattr(cfg, field)
     return args
+
+
+def register_model(exp, serving_image):
+    """Upload the export to Vertex AI Model Registry (GCPC's ModelUploadOp), served by ``serving_image``.
+
+    The folder becomes an UnmanagedContainerModel (importer) whose container is the user's;
+    the card's name, summary and labels become the model's display name, description and labels.
+    """
+    from google_cloud_pipeline_components import _placeholders
+    from google_cloud_pipeline_components.types.artifact_types import UnmanagedContainerModel
+    from google_cloud_pipeline_components.v1.model import ModelUploadOp
+
+    served = dsl.importer(artifact_uri=exp.outputs["artifact_uri"],
+                          artifact_class=UnmanagedContainerModel,
+                          metadata={"containerSpec": {"imageUri": serving_image}})
+    served.set_display_name("serving-model")
+    upload = ModelUploadOp(display_name=exp.outputs["display_name"],
+                           unmanaged_container_model=served.output,
+                           description=exp.outputs["description"], labels=exp.outputs["labels"],
+                           location=_placeholders.LOCATION_PLACEHOLDER)
+    upload.set_display_name("model-registry-upload")
+    return upload
+
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
@@ -93,6 +121,9 @@ def clipa_training(
     ft336_lr: float = _F336.lr,
     train_loader_workers: int = _PRE.num_workers,
     train_torch_threads: int = _PRE.num_threads,
+    export_name: str = "",
+    export_repo_id: str = "",
+    registry_serving_image: str = "",
 ) -> Artifact:
     """Train a CLIPA model from ``url_list`` and evaluate it zero-shot on ``eval_set``.
 
@@ -102,6 +133,10 @@ def clipa_training(
         train_loader_workers, train_torch_threads: data loader processes and torch threads
             (0 = all cores) of each training process; the defaults fit a 2-core CPU, a GPU
             machine wants e.g. 8 workers per GPU and 0 threads.
+        export_name: the exported model's name (default clipa-PRESET-SIZE).
+        export_repo_id: the Hugging Face Hub repo ("ORG/NAME") the export folder is for.
+        registry_serving_image: a serving container image; when given, the export is
+            uploaded to Vertex AI Model Registry with it (Vertex AI only).
     Returns:
         The run summary (JSON); its HTML twin is the ``summarize`` task's report.
     """
@@ -145,4 +180,13 @@ def clipa_training(
         pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
         finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
         finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"])
+    exp = export(
+        pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
+        finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
+        finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"],
+        shards=dl.outputs["shards"], filtered=data, eval_set=evalset.output, name=export_name,
+        repo_id=export_repo_id)
+    with dsl.If(registry_serving_image != "", name="register-model"):
+        register_model(exp, registry_serving_image)
     return summary.outputs["summary"]
+

@@ -4,39 +4,18 @@ import os
 
 import open_clip
 import pytest
-import torch
 
-from clipa_model.artifacts import ArtifactError, read_marker, write_marker
-from clipa_model.checkpoint import save_model_artifact
-from clipa_model.config import StageConfig
-from clipa_model.model import build_model, flops_per_sample
-from clipa_model.train_loop import training_summary
+from clipa_model.artifacts import ArtifactError, read_marker
+from clipa_model.model import flops_per_sample
 from components.export import main, run_export
+from support import RUN_STAGES, make_run_artifacts
 
-# (stage, image_size, text_len, mask_ratio, samples, top1, top5)
-STAGES = [("pretrain", 28, 8, 0.0, 64, 0.312, 0.701), ("finetune_224", 42, 16, 0.3, 16, 0.405, 0.8),
-          ("finetune_336", 56, 16, 0.4, 8, 0.438, 0.825)]
-
-
-def _stage_model(path, stage, image_size, text_len, mask_ratio, samples) -> str:
-    torch.manual_seed(len(stage))
-    model = build_model("tiny", image_size, text_len)
-    cfg = StageConfig(stage=stage, image_size=image_size, text_len=text_len, mask_ratio=mask_ratio,
-                      samples=samples, batch_size=8, lr=1e-3)
-    history = [{"step": 1, "samples_seen": samples, "loss": 1.0}]
-    save_model_artifact(str(path), model, "tiny", cfg, history, training_summary(history, 2.5))
-    return str(path)
+STAGES = RUN_STAGES
 
 
 @pytest.fixture
 def run(tmp_path):
-    """Model artifacts of three stages, their metrics and the data steps' markers."""
-    models = [_stage_model(tmp_path / s[0], *s[:5]) for s in STAGES]
-    evals = [{"top1": s[5], "top5": s[6], "count": 200.0, "num_classes": 10.0} for s in STAGES]
-    shards, filtered = str(tmp_path / "shards"), str(tmp_path / "filtered")
-    write_marker(shards, "shards", count=120, successes=100, failures={"http_404": 20})
-    write_marker(filtered, "filtered_shards", input_count=100, count=80, dropped={"min_side": 20})
-    return {"models": models, "evals": evals, "shards": shards, "filtered": filtered}
+    return make_run_artifacts(tmp_path)
 
 
 def test_export_writes_a_hub_folder_with_a_card_of_every_stage(tmp_path, run):
