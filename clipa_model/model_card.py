@@ -101,7 +101,7 @@ def card_facts(summary: Mapping, stage_configs: Sequence[Mapping], model_config:
 
 
 def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def _tables(facts: Mapping) -> str:

@@ -112,6 +112,10 @@ def test_model_upload_request_carries_the_model_card(exported, tmp_path, monkeyp
     assert importer["inputs"]["parameters"]["metadata"]["componentInputParameter"] == \
         "pipelinechannel--registry_serving_image"
     assert executor["command"][-1] == "google_cloud_pipeline_components.container.v1.model.upload_model.launcher"
+    # The export itself runs on the train image with room for a large model's weights.
+    export = spec["deploymentSpec"]["executors"]["exec-export"]["container"]
+    assert export["image"] == get_placement("a3-highgpu-8g").train_image
+    assert export["resources"]["resourceMemoryLimit"] == "64G"
 
     registry = result["registry"]
     executor_input = _executor_input(task, defaults, registry, uri, SERVING, tmp_path)
