@@ -25,6 +25,7 @@ from components.filter_shard.component import filter_shard
 from components.run_report import summarize
 from components.train import finetune, pretrain
 from pipelines.placement import PlacedStep
+from pipelines.publish import register_model
 
 # Steps follow the placement active at compile time (pipelines/placement.py); compiled as
 # they are (pipeline.yaml, clipa run) each one is its plain component.
@@ -61,29 +62,6 @@ def pipeline_arguments(recipe: recipes.Recipe) -> dict:
                 continue  # CLIPA pretrains on resized images; masking is a finetune tool
             args[f"{prefix}_{field}"] = getattr(cfg, field)
     return args
-
-
-def register_model(exp, serving_image):
-    """Upload the export to Vertex AI Model Registry (GCPC's ModelUploadOp), served by ``serving_image``.
-
-    The folder becomes an UnmanagedContainerModel (importer) whose container is the user's;
-    the card's name, summary and labels become the model's display name, description and labels.
-    """
-    from google_cloud_pipeline_components import _placeholders
-    from google_cloud_pipeline_components.types.artifact_types import UnmanagedContainerModel
-    from google_cloud_pipeline_components.v1.model import ModelUploadOp
-
-    served = dsl.importer(artifact_uri=exp.outputs["artifact_uri"],
-                          artifact_class=UnmanagedContainerModel,
-                          metadata={"containerSpec": {"imageUri": serving_image}})
-    served.set_display_name("serving-model")
-    upload = ModelUploadOp(display_name=exp.outputs["display_name"],
-                           unmanaged_container_model=served.output,
-                           description=exp.outputs["description"], labels=exp.outputs["labels"],
-                           location=_placeholders.LOCATION_PLACEHOLDER)
-    upload.set_display_name("model-registry-upload")
-    return upload
-
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
@@ -189,4 +167,3 @@ def clipa_training(
     with dsl.If(registry_serving_image != "", name="register-model"):
         register_model(exp, registry_serving_image)
     return summary.outputs["summary"]
-
