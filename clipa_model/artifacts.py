@@ -20,7 +20,8 @@ MARKER = "clipa_artifact.json"
 FORMAT_VERSION = 1
 
 # The kinds of artifact the pipeline passes around.
-KINDS = ("url_list", "shards", "filtered_shards", "model", "eval_set", "evaluation")
+KINDS = ("url_list", "shards", "filtered_shards", "model", "eval_set", "evaluation",
+         "open_clip_export")
 
 
 class ArtifactError(ValueError):

@@ -1,5 +1,9 @@
 """Export a Model artifact in open_clip's own format: safetensors + open_clip_config.json.
 
+The folder is also a Hugging Face Hub model repository as open_clip reads one
+(``hf-hub:ORG/NAME``: open_clip_config.json and open_clip_model.safetensors at the root,
+tokenizer files beside them when the tokenizer is not open_clip's bundled BPE):
+
     OUT/
         open_clip_model.safetensors   the weights (state dict of open_clip's CLIP)
         open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}
@@ -9,6 +13,7 @@ Load it without this package::
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:OUT")
     tokenizer = open_clip.get_tokenizer("local-dir:OUT")
+    # or, once uploaded (``hf upload ORG/NAME OUT``): "hf-hub:ORG/NAME"
 
 The model config spells out the CLIPA-v2 settings (sin-cos position embedding, no pre-LN,
 average pooling, bidirectional text pooled at the last position), so open_clip builds the
@@ -28,13 +33,24 @@ WEIGHTS = "open_clip_model.safetensors"
 CONFIG = "open_clip_config.json"
 
 
-def open_clip_config(model_cfg: dict) -> dict:
-    """open_clip_config.json for a model_config.json (preset, sizes, preprocessing)."""
+def open_clip_config(model_cfg: dict, repo_id: str = "") -> dict:
+    """open_clip_config.json for a model_config.json (preset, sizes, preprocessing).
+
+    Args:
+        model_cfg: model_config.json of the Model artifact.
+        repo_id: Hugging Face Hub repo ("ORG/NAME") the folder will be uploaded to. With a
+            BERT tokenizer, open_clip's ``hf-hub:`` loader reads the tokenizer from the repo
+            named in ``hf_tokenizer_name``: the repo itself when given (its vocab.txt),
+            else bert-base-uncased. ``local-dir:`` always reads the folder's own files.
+    """
     p = get_preset(model_cfg["preset"])
+    text = text_cfg(p, model_cfg["text_len"])
+    if repo_id and "hf_tokenizer_name" in text:
+        text["hf_tokenizer_name"] = repo_id
     return {
         "model_cfg": {"embed_dim": p.embed_dim,
                       "vision_cfg": vision_cfg(p, model_cfg["image_size"]),
-                      "text_cfg": text_cfg(p, model_cfg["text_len"])},
+                      "text_cfg": text},
         "preprocess_cfg": {"size": model_cfg["image_size"], "mean": list(model_cfg["mean"]),
                            "std": list(model_cfg["std"]),
                            "interpolation": model_cfg.get("interpolation", "bilinear"),
@@ -57,12 +73,13 @@ def _write_bert_tokenizer(out_dir: str) -> list[str]:
     return ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def export_open_clip(model_dir: str, out_dir: str) -> dict:
-    """Write ``model_dir`` (a Model artifact) to ``out_dir`` in open_clip's local-dir format.
+def export_open_clip(model_dir: str, out_dir: str, repo_id: str = "") -> dict:
+    """Write ``model_dir`` (a Model artifact) to ``out_dir`` in open_clip's local-dir / Hub format.
 
     Args:
         model_dir: Model artifact folder (local or gs://).
         out_dir: folder to create; local for ``open_clip`` to load it, or any fsspec URL.
+        repo_id: the Hugging Face Hub repo it is meant for (see ``open_clip_config``).
 
     Returns:
         {"out_dir", "model_name" ("local-dir:OUT"), "files", "preset", "image_size",
@@ -75,7 +92,7 @@ def export_open_clip(model_dir: str, out_dir: str) -> dict:
         os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     _write_bytes(join(out_dir, WEIGHTS), save(state, metadata={"format": "pt"}))
-    config = open_clip_config(cfg)
+    config = open_clip_config(cfg, repo_id)
     files = [WEIGHTS, CONFIG]
     if get_preset(cfg["preset"]).tokenizer == "bert-base-uncased":
         files += _write_bert_tokenizer(out_dir)

@@ -81,6 +81,7 @@ def cmd_run(args) -> int:
         result = run_local(workdir, args.recipe, args.url_list, args.eval_set, overrides, view)
     print()
     print(format_summary(result.summary))
+    print(f"exported model (open_clip / Hugging Face Hub folder, model card README.md): {result.export_path}")
     print(f"total {result.seconds:.0f}s; report: {result.report_path}")
     return 0
 

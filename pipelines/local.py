@@ -35,6 +35,7 @@ class LocalRun:
     report_path: str
     demo_counts: dict | None = None
     seconds: float = 0.0
+    export_path: str = ""  # the open_clip / Hugging Face Hub folder (components/export.py)
 
 
 def prepare_demo_data(workdir: str, recipe: recipes.Recipe, seed: int = 0) -> dict:
@@ -108,6 +109,9 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         if eval_set is None:
             raise ValueError("--eval-set is required with --url-list: the zero-shot eval set "
                              "(a folder as described in docs/ARTIFACTS.md) to score the model on")
+    if (overrides or {}).get("registry_serving_image"):
+        raise ValueError("registry_serving_image: the Model Registry upload runs on Vertex AI only "
+                         "(clipa submit); locally the export folder is the result")
     os.makedirs(workdir, exist_ok=True)
     arguments = pipeline_arguments(recipe)
     from pipelines.training_pipeline import clipa_training
@@ -130,8 +134,10 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     with open(summary_path) as f:
         summary = json.load(f)
     summary["demo_url_list"] = counts
-    report_path = os.path.join(os.path.dirname(os.path.dirname(summary_path)), "summarize", "report")
-    return LocalRun(workdir, summary, summary_path, report_path, counts, time.time() - start)
+    run_root = os.path.dirname(os.path.dirname(summary_path))
+    report_path = os.path.join(run_root, "summarize", "report")
+    return LocalRun(workdir, summary, summary_path, report_path, counts, time.time() - start,
+                    os.path.join(run_root, "export", "exported"))
 
 
 def _start_embedded_default(stack: contextlib.ExitStack, workdir: str, recipe,

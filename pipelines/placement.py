@@ -29,7 +29,7 @@ from components.clipa_component import DATA_IMAGE, TRAIN_IMAGE
 # Steps that run on the data image (img2dataset + Beam); the others use the train image.
 DATA_STEPS = frozenset({"download", "filter_shard", "summarize", "record_history"})
 STEPS = ("download", "filter_shard", "pretrain", "finetune", "evaluate", "summarize",
-         "benchmark", "record_history")
+         "benchmark", "record_history", "export")
 TRAIN_STEPS = ("pretrain", "finetune")
 
 
@@ -102,6 +102,9 @@ def with_dataflow(placement: Placement, project: str, region: str, temp_location
 
 _CPU_DATA = Machine(cpu_limit="8", memory_limit="32G")
 _GPU_EVAL = Machine(machine_type="g2-standard-8", accelerator_type="NVIDIA_L4", accelerator_count=1)
+# The export holds the weights about three times over (checkpoint, state dict, safetensors
+# bytes): bigG/14's 2.5 B float32 parameters are 10 GB each.
+_EXPORT = Machine(cpu_limit="4", memory_limit="64G")
 
 
 def _gpu(machine_type: str, accelerator: str) -> Placement:
@@ -109,7 +112,7 @@ def _gpu(machine_type: str, accelerator: str) -> Placement:
                     boot_disk_size_gb=500)
     return Placement(machine_type, {"download": _CPU_DATA, "filter_shard": _CPU_DATA,
                                     "pretrain": train, "finetune": train,
-                                    "evaluate": _GPU_EVAL, "benchmark": _GPU_EVAL})
+                                    "evaluate": _GPU_EVAL, "benchmark": _GPU_EVAL, "export": _EXPORT})
 
 
 PLACEMENTS: dict[str, Placement] = {
@@ -120,7 +123,7 @@ PLACEMENTS: dict[str, Placement] = {
     "tpu-v5e-8": Placement(
         "tpu-v5e-8",
         {"download": _CPU_DATA, "filter_shard": _CPU_DATA, "evaluate": _GPU_EVAL,
-         "benchmark": _GPU_EVAL,
+         "benchmark": _GPU_EVAL, "export": _EXPORT,
          **{s: Machine(machine_type="ct5lp-hightpu-8t", tpu_topology="2x4",
                        env=(("PJRT_DEVICE", "TPU"),)) for s in TRAIN_STEPS}},
         train_image=TRAIN_IMAGE.replace("clipa-train:", "clipa-train-tpu:")),

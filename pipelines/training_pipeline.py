@@ -1,7 +1,10 @@
 """The full CLIPA training pipeline: URL list -> zero-shot-evaluated model.
 
 download -> filter_shard -> pretrain (84 px) -> finetune (224 px) -> finetune (336 px),
-with a zero-shot evaluation after each training stage and a summary at the end.
+with a zero-shot evaluation after each training stage, a summary, and an ``export`` of the
+final model (open_clip / Hugging Face Hub folder with a model card). Given a serving image
+(``registry_serving_image``), the export is also uploaded to Vertex AI Model Registry with
+google-cloud-pipeline-components' ``ModelUploadOp`` (Vertex AI only).
 
 Per-step machines and images are chosen at compile time: ``place_pipeline(clipa_training,
 get_placement("a3-highgpu-8g"))`` (pipelines/placement.py).
@@ -17,10 +20,12 @@ from kfp.dsl import Artifact, Dataset
 from clipa_model import recipes
 from components.download.pipeline import download
 from components.evaluate import evaluate
+from components.export import export
 from components.filter_shard.component import filter_shard
 from components.run_report import summarize
 from components.train import finetune, pretrain
 from pipelines.placement import PlacedStep
+from pipelines.publish import register_model
 
 # Steps follow the placement active at compile time (pipelines/placement.py); compiled as
 # they are (pipeline.yaml, clipa run) each one is its plain component.
@@ -30,6 +35,7 @@ pretrain = PlacedStep("pretrain", pretrain)
 finetune = PlacedStep("finetune", finetune)
 evaluate = PlacedStep("evaluate", evaluate)
 summarize = PlacedStep("summarize", summarize)
+export = PlacedStep("export", export)
 
 PIPELINE_NAME = "clipa-training"
 
@@ -93,6 +99,9 @@ def clipa_training(
     ft336_lr: float = _F336.lr,
     train_loader_workers: int = _PRE.num_workers,
     train_torch_threads: int = _PRE.num_threads,
+    export_name: str = "",
+    export_repo_id: str = "",
+    registry_serving_image: str = "",
 ) -> Artifact:
     """Train a CLIPA model from ``url_list`` and evaluate it zero-shot on ``eval_set``.
 
@@ -102,6 +111,10 @@ def clipa_training(
         train_loader_workers, train_torch_threads: data loader processes and torch threads
             (0 = all cores) of each training process; the defaults fit a 2-core CPU, a GPU
             machine wants e.g. 8 workers per GPU and 0 threads.
+        export_name: the exported model's name (default clipa-PRESET-SIZE).
+        export_repo_id: the Hugging Face Hub repo ("ORG/NAME") the export folder is for.
+        registry_serving_image: a serving container image; when given, the export is
+            uploaded to Vertex AI Model Registry with it (Vertex AI only).
     Returns:
         The run summary (JSON); its HTML twin is the ``summarize`` task's report.
     """
@@ -145,4 +158,12 @@ def clipa_training(
         pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
         finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
         finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"])
+    exp = export(
+        pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
+        finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
+        finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"],
+        shards=dl.outputs["shards"], filtered=data, eval_set=evalset.output, name=export_name,
+        repo_id=export_repo_id)
+    with dsl.If(registry_serving_image != "", name="register-model"):
+        register_model(exp, registry_serving_image)
     return summary.outputs["summary"]

@@ -12,6 +12,11 @@ assert on exactly what the SDK sent:
     GET    v1/.../schedules/ID                                      -> the schedule
     POST   v1/.../schedules/ID:pause | :resume                      -> {} (state changes)
     DELETE v1/.../schedules/ID                                      -> a done operation
+    POST   v1/.../models:upload                                     -> a done operation, model 1
+    POST   /token                                                   -> an OAuth access token
+
+``/token`` serves as the ``token_uri`` of a service-account key file
+(GOOGLE_APPLICATION_CREDENTIALS), for code that refreshes its own Google credentials.
 """
 from __future__ import annotations
 
@@ -64,7 +69,10 @@ def _handler(state: VertexState, lock: threading.Lock):
             url = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:  # a form post (the OAuth token request)
+                body = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             with lock:
                 state.requests.append(Recorded(method, url.path, query, body))
@@ -88,6 +96,13 @@ def _handler(state: VertexState, lock: threading.Lock):
 
 def _route(state: VertexState, method: str, path: str, query: dict, body):
     """(status, JSON) for one request; 404 with a message for anything else."""
+    if path == "/token" and method == "POST":
+        return 200, {"access_token": "recorded-token", "expires_in": 3600, "token_type": "Bearer"}
+    m = re.fullmatch(_PARENT + r"/models:upload", path)
+    if m and method == "POST":
+        return 200, {"name": f"{m.group(1)}/models/1/operations/2", "done": True,
+                     "response": {"@type": "type.googleapis.com/google.cloud.aiplatform.v1.UploadModelResponse",
+                                  "model": f"{m.group(1)}/models/1", "modelVersionId": "1"}}
     m = re.fullmatch(_PARENT + r"/pipelineJobs", path)
     if m and method == "POST":
         name = f"{m.group(1)}/pipelineJobs/{query.get('pipelineJobId', 'job-1')}"

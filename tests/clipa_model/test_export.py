@@ -66,3 +66,52 @@ def test_bert_preset_exports_its_vocab_for_open_clips_tokenizer(tmp_path):
     torch.testing.assert_close(open_clip.get_tokenizer(info["model_name"])(CAPTIONS), tokens)
     with torch.no_grad():
         assert torch.equal(theirs.encode_text(tokens), ours.encode_text(tokens))
+
+
+def _as_hub_cache(folder, repo_id: str, cache_dir) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded repo: refs/main ->
+    snapshots/COMMIT/files, and .no_exist/COMMIT/NAME for a file the Hub answered 404 for
+    (transformers' AutoTokenizer asks for a config.json, which an open_clip repo lacks)."""
+    import hashlib
+    import shutil
+
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "config.json").touch()
+
+
+@pytest.mark.parametrize("preset, image_size, text_len", [("tiny", 56, 16), ("tiny-bert", 28, 8)])
+def test_open_clip_loads_the_export_as_a_hugging_face_hub_repo(tmp_path, monkeypatch, preset,
+                                                                image_size, text_len):
+    """The folder, as the Hub serves it, through open_clip's own ``hf-hub:`` loader (offline).
+
+    Tolerance: none; the weights are the same float32 tensors, so the embeddings are equal.
+    """
+    import huggingface_hub.constants
+
+    if preset == "tiny-bert":
+        pytest.importorskip("transformers")
+    repo_id = f"clipa-test/{preset}"
+    model_dir = _artifact(tmp_path, preset, image_size, text_len)
+    info = export_open_clip(model_dir, str(tmp_path / "export"), repo_id=repo_id)
+    cache = tmp_path / "hub-cache"
+    _as_hub_cache(info["out_dir"], repo_id, cache)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # only the cache
+
+    theirs, _, preprocess = open_clip.create_model_and_transforms(f"hf-hub:{repo_id}",
+                                                                  cache_dir=str(cache))
+    tokenizer = open_clip.get_tokenizer(f"hf-hub:{repo_id}", cache_dir=str(cache))
+    ours, cfg = load_model(model_dir)
+    theirs.eval()
+    tokens = get_tokenizer(preset, text_len)(CAPTIONS)
+    torch.testing.assert_close(tokenizer(CAPTIONS), tokens)
+    images = normalize(torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8),
+                       cfg["mean"], cfg["std"])
+    with torch.no_grad():
+        assert torch.equal(theirs.encode_image(images), ours.encode_image(images))
+        assert torch.equal(theirs.encode_text(tokens), ours.encode_text(tokens))
+    assert preprocess.transforms[0].size == image_size

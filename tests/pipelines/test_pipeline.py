@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import open_clip
 import pandas as pd
 import pytest
 import yaml
@@ -160,6 +161,13 @@ def test_clipa_run_smoke_end_to_end(tmp_path):
     log = log_path.read_text()
     assert "executor_input" in log and "executor_input" not in out
     assert "final zero-shot top-1" in out and "mean-colour" in out
+    # The export: open_clip loads it, and its model card has every stage's zero-shot top-1.
+    export = out.split("Hugging Face Hub folder, model card README.md): ")[1].splitlines()[0]
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    assert model.visual.image_size == (demo.stages["finetune_336"].image_size,) * 2
+    card = open(os.path.join(export, "README.md")).read()
+    for name in ("pretrain", "finetune_224", "finetune_336"):
+        assert f"| {name} | {stages[name]['top1']:.1%} | {stages[name]['top5']:.1%} |" in card
     report = out.strip().splitlines()[-1].split("report: ")[-1]
     html = open(report).read()
     assert html.count("data:image/png;base64") >= 2 and "finetune_336" in html
