@@ -3,7 +3,7 @@
 img2dataset (in-process, multiprocessing distributor) does the fetching, resizing and
 webdataset writing. Three of its classes are replaced by subclasses for one call:
 
-* ``GuardedDownloader`` installs the URL-safety guard (``components.download.url_safety``) in each
+* ``GuardedDownloader`` installs the URL-safety guard (``components.download.url_guard``) in each
   worker process before it fetches, so a host name that resolves to a private address
   or a redirect to one is refused at connect time;
 * ``CheckedResizer`` reads the image header before OpenCV decodes anything: an image
@@ -40,7 +40,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from components.download.options import DownloadOptions  # noqa: E402
 from components.download.stats import stats_files  # noqa: E402
 from components.filter_shard.images import image_facts  # noqa: E402
-from components.download.url_safety import install_guard  # noqa: E402
+from components.download.url_guard import install_guard  # noqa: E402
 
 log = logging.getLogger("clipa.download")
 
