@@ -27,6 +27,7 @@ from PIL import Image
 from components.download.options import DEFAULT_DISALLOWED, DownloadOptions
 
 SLOW_SECONDS = 4  # the /slow/ answer's delay; the run's timeout is shorter
+DRIP_SECONDS = 0.5  # the /drip/ answer's gap between 16-byte pieces (each read is quick)
 
 
 class _HeaderHandler(http.server.SimpleHTTPRequestHandler):
@@ -34,14 +35,15 @@ class _HeaderHandler(http.server.SimpleHTTPRequestHandler):
 
     ``/noai/F``: F with ``X-Robots-Tag: noai``; ``/otherbot/F``: with ``X-Robots-Tag:
     otherbot: noai`` (meant for another crawler); ``/slow/F``: F after SLOW_SECONDS;
-    ``/flaky/F``: 503 the first time, F afterwards; anything else: F.
+    ``/flaky/F``: 503 the first time, F afterwards; ``/drip/F``: F in 16-byte pieces
+    DRIP_SECONDS apart (no read waits long, the whole answer does); anything else: F.
     """
 
     kind = ""
 
     def send_head(self):
         first, _, rest = self.path.lstrip("/").partition("/")
-        if first in ("noai", "otherbot", "slow", "flaky"):
+        if first in ("noai", "otherbot", "slow", "flaky", "drip"):
             self.kind, self.path = first, "/" + rest
         self.server.requests[self.kind + self.path] += 1
         if self.kind == "flaky" and self.server.requests[self.kind + self.path] == 1:
@@ -59,9 +61,15 @@ class _HeaderHandler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile):
         try:
-            super().copyfile(source, outputfile)
+            if self.kind != "drip":
+                super().copyfile(source, outputfile)
+                return
+            while piece := source.read(16):
+                outputfile.write(piece)
+                outputfile.flush()
+                time.sleep(DRIP_SECONDS)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up on a /slow/ answer: what the test wants
+            pass  # the client gave up on a /slow/ or /drip/ answer: what the test wants
 
     def log_message(self, *args):
         pass
@@ -115,7 +123,8 @@ def options_run(tmp_path_factory):
         rows.append((f"images/{i}.jpg", _expected(w, h)))
     rows += [("noai/images/5.jpg", "success"),  # honoured by default; "" honours none
              ("flaky/images/2.jpg", "success"),  # 503, then 200 on the retry
-             ("slow/images/1.jpg", "timeout")]
+             ("slow/images/1.jpg", "timeout"),
+             ("drip/images/3.jpg", "timeout")]  # the whole-URL deadline (timeout=2)
     with serve_with_headers(str(tmp / "root")) as server:
         pd.DataFrame({"url": [f"{server.base_url}/{p}" for p, _ in rows],
                       "caption": [f"a test image number {i}" for i in range(len(rows))],
@@ -143,6 +152,7 @@ def test_outcomes_follow_the_size_aspect_robots_retry_and_timeout_options(option
     assert result["failures"] == dict(want)  # too_small, aspect_ratio, timeout
     assert options_run["requests"]["flaky/images/2.jpg"] == 2  # retries=1 fetched it again
     assert options_run["requests"]["slow/images/1.jpg"] == 2  # timed out twice
+    assert options_run["requests"]["drip/images/3.jpg"] == 2  # a deadline, not per read
 
 
 def test_images_are_cropped_encoded_hashed_and_sharded_as_asked(options_run):
