@@ -78,6 +78,7 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         ValueError: an unknown recipe or parameter, or a URL list without eval set.
     """
     from components.download.component import read_url_list
+    from pipelines.process_guard import guarded_tasks
     from pipelines.training_pipeline import pipeline_arguments
 
     if recipe_name not in recipes.RECIPES:
@@ -103,6 +104,8 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     start = time.time()
     counts = None
     with contextlib.ExitStack() as stack:
+        # Steps and their workers die with this run, temporary folders go with it.
+        stack.enter_context(guarded_tasks())
         if url_list is None:
             url_list, eval_set, counts = _start_embedded_default(
                 stack, workdir, recipe, arguments.get("seed", 0))
