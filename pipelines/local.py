@@ -76,8 +76,10 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     Raises:
         UrlListError: the URL list is missing or malformed (checked before any work).
         ValueError: an unknown recipe or parameter, or a URL list without eval set.
+        PreflightError: a parameter, the URL list or the eval set would fail a step.
     """
     from components.download.component import read_url_list
+    from pipelines.preflight import preflight
     from pipelines.process_guard import guarded_tasks
     from pipelines.training_pipeline import pipeline_arguments
 
@@ -92,7 +94,6 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         if eval_set is None:
             raise ValueError("--eval-set is required with --url-list: the zero-shot eval set "
                              "(a folder as described in docs/ARTIFACTS.md) to score the model on")
-    os.makedirs(workdir, exist_ok=True)
     arguments = pipeline_arguments(recipe)
     from pipelines.training_pipeline import clipa_training
 
@@ -101,6 +102,9 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     if unknown:
         raise ValueError(f"unknown pipeline parameter(s) {unknown}; expected one of {sorted(known)}")
     arguments.update(overrides or {})
+    # The whole run, checked before the first step (the demo's data is made below).
+    preflight({**arguments, "url_list": url_list, "eval_set": eval_set})
+    os.makedirs(workdir, exist_ok=True)
     start = time.time()
     counts = None
     with contextlib.ExitStack() as stack:
