@@ -195,6 +195,38 @@ def test_every_option_is_exposed_everywhere_with_img2datasets_robots_default(cap
     assert repr(DEFAULT_DISALLOWED.split(",")).replace("'", '"') in source
 
 
+def test_download_options_are_defined_once():
+    """DownloadOptions is the one definition: every place that takes download options
+    takes its fields with its defaults and types, and nothing else by those names."""
+    from components.download.component import download_part
+    from components.download.pipeline import download
+    from pipelines.preflight import DOWNLOAD_PARAMETERS
+    from pipelines.training_pipeline import clipa_training
+
+    fields = DownloadOptions.__dataclass_fields__
+    for func, skip in ((download.pipeline_func, {"samples_per_shard"}),
+                       (download_part.python_func, {"samples_per_shard"})):
+        params = inspect.signature(func).parameters
+        for name, field in fields.items():
+            if name in skip:
+                continue
+            assert params[name].default == field.default, (func.__name__, name)
+            assert params[name].annotation is type(field.default), (func.__name__, name)
+    # The sub-pipeline hands every option to its part tasks (compiled, not just named).
+    spec = download.pipeline_spec.root.dag.tasks["for-loop-1"].component_ref.name
+    part_inputs = download.pipeline_spec.components[spec].dag.tasks["download-part"].inputs.parameters
+    assert set(fields) - {"samples_per_shard"} <= set(part_inputs)
+    # The training pipeline's download parameters are DownloadOptions fields by another
+    # name, of the same type (preflight checks their values with DownloadOptions).
+    inputs = clipa_training.component_spec.inputs
+    ours = {n for n in inputs if n.startswith("download_")} - {"download_parts",
+                                                               "download_allow_networks"}
+    assert ours | {"samples_per_shard"} == set(DOWNLOAD_PARAMETERS)
+    kfp_type = {int: "Integer", float: "Float", str: "String"}
+    for name, field in DOWNLOAD_PARAMETERS.items():
+        assert inputs[name].type == kfp_type[type(fields[field].default)], name
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(encode_format="png"), r"encode_quality=95 .* expected 0-9 for png"),
     (dict(encode_format="gif"), r"encode_format='gif' .* expected one of"),
