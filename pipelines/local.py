@@ -102,14 +102,15 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     if unknown:
         raise ValueError(f"unknown pipeline parameter(s) {unknown}; expected one of {sorted(known)}")
     arguments.update(overrides or {})
-    # The whole run, checked before the first step (the demo's data is made below).
-    preflight({**arguments, "url_list": url_list, "eval_set": eval_set})
-    os.makedirs(workdir, exist_ok=True)
     start = time.time()
     counts = None
     with contextlib.ExitStack() as stack:
-        # Steps and their workers die with this run, temporary folders go with it.
+        # Steps and their workers die with this run; temporary folders (this process's
+        # too, from the imports on) go with it.
         stack.enter_context(guarded_tasks())
+        # The whole run, checked before the first step (the demo's data is made below).
+        preflight({**arguments, "url_list": url_list, "eval_set": eval_set})
+        os.makedirs(workdir, exist_ok=True)
         if url_list is None:
             url_list, eval_set, counts = _start_embedded_default(
                 stack, workdir, recipe, arguments.get("seed", 0))

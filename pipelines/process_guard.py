@@ -21,6 +21,7 @@ Run as ``python -m pipelines.process_guard RUN_TMP``, it is the reaper.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ import types
 from typing import Iterator
 
 RUN_TMP_PREFIX = "clipa-run-"
+_active_root: str | None = None  # the run folder of the guard this process is in
 
 
 def reap(groups: list[int], run_tmp: str, grace_seconds: float = 5.0) -> None:
@@ -97,30 +99,46 @@ def _popen_in_own_group(reaper: _Reaper):
 
 @contextlib.contextmanager
 def _temporary_root(path: str) -> Iterator[None]:
-    """TMPDIR (and this process's ``tempfile``) point to ``path`` while inside."""
-    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    """TMPDIR (and this process's ``tempfile``) point to ``path`` while inside.
+
+    torch's compile cache is meant to outlive runs (``<tmp>/torchinductor_<user>``): it
+    stays where it was.
+    """
+    inductor = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    saved = {name: os.environ.get(name) for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    saved_dir = tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = path, path
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor)
     try:
         yield
     finally:
         tempfile.tempdir = saved_dir
-        if saved_env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved_env
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
 def guarded_tasks() -> Iterator[str]:
     """kfp.local steps started inside run in reaped process groups with a run TMPDIR.
 
+    Enter it as early as possible: imports make temporary folders too (wandb, which
+    open_clip imports, makes two), and only those made inside go with the run. Nested
+    entries share the outer one.
+
     Yields:
         The run's temporary folder (deleted when the context ends, or by the reaper
         when this process is killed).
     """
+    global _active_root
+    if _active_root is not None:  # nested (clipa run enters it first): one guard per run
+        yield _active_root
+        return
     from kfp.local import subprocess_task_handler as handler
 
-    run_tmp = tempfile.mkdtemp(prefix=RUN_TMP_PREFIX)
+    run_tmp = _active_root = tempfile.mkdtemp(prefix=RUN_TMP_PREFIX)
     reaper = _Reaper(run_tmp)
     saved = handler.subprocess
     handler.subprocess = types.SimpleNamespace(  # the subprocess module, but for Popen
@@ -130,6 +148,7 @@ def guarded_tasks() -> Iterator[str]:
             yield run_tmp
     finally:
         handler.subprocess = saved
+        _active_root = None
         reaper.close()
 
 

@@ -88,3 +88,40 @@ def test_die_with_parent_ends_a_child_when_its_parent_is_killed(tmp_path):
     parent.kill()
     parent.wait()
     assert wait_until_gone(tree, 10) == set()
+
+
+def _training_step_with_loader(root_pid: int):
+    """The pretrain step's process once it runs its loader worker, else None."""
+    for pid, _ in descendants(root_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "executor_main" in cmdline and "/pretrain/" in cmdline and descendants(pid):
+            return pid
+    return None
+
+
+@pytest.mark.slow
+def test_sigkill_of_clipa_run_during_training_leaves_nothing_behind(tmp_path):
+    """A real ``clipa run --recipe smoke``, SIGKILLed while pretrain's loader runs: no
+    process of it survives and its temporary root holds nothing but torch's cache."""
+    tmp_root = tmp_path / "tmp"  # the run's system temporary folder, to list afterwards
+    tmp_root.mkdir()
+    run = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--recipe", "smoke",
+                            "--workdir", str(tmp_path / "run")], cwd=REPO_ROOT,
+                           env={**os.environ, "TMPDIR": str(tmp_root)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _training_step_with_loader(run.pid), 600, every=1.0)
+        tree = descendants(run.pid)  # the step, its loader, the reaper, Beam/KFP leftovers
+        run.kill()
+        run.wait()
+        assert wait_until_gone(tree, 30) == set()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    # torchinductor_<user> is torch's compile cache, shared by every run of the user.
+    wait_for(lambda: [p.name for p in tmp_root.iterdir()
+                      if not p.name.startswith("torchinductor_")] == [], 30)
