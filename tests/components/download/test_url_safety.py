@@ -1,7 +1,10 @@
 """URL safety: the static screen, and the connect-time guard against real loopback servers."""
 import http.client
 import http.server
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import urllib.error
@@ -257,16 +260,36 @@ class _Drip(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_deadline_bounds_the_whole_url_not_each_read():
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """A self-signed certificate for localhost / 127.0.0.1 (openssl's command line)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    tmp = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem"),
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return str(tmp / "cert.pem"), str(tmp / "key.pem")
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_deadline_bounds_the_whole_url_not_each_read(scheme, request, monkeypatch):
     srv = _serve(_Drip)
+    if scheme == "https":  # TLS reads go through the SSL socket: the deadline holds there too
+        cert, key = request.getfixturevalue("tls_cert")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        srv.socket = context.wrap_socket(srv.socket, server_side=True)
+        monkeypatch.setenv("SSL_CERT_FILE", cert)  # the client trusts it (default context)
     try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/slow.jpg"
+        url = f"{scheme}://localhost:{srv.server_address[1]}/slow.jpg"
         with pytest.raises(TimeoutError, match="whole-URL deadline of 1 s"):
             with guarded_opener(parse_allow_list("127.0.0.1/32")).open(url, timeout=1) as r:
                 r.read()
         # Each 0.2 s gap is far below the 1 s timeout: only a deadline over all reads
         # stops the client before the server's 100 bytes are out.
-        assert len(srv.seen) < 100
+        assert 0 < len(srv.seen) < 100
     finally:
         srv.shutdown()
         srv.server_close()
