@@ -5,10 +5,8 @@ In-process ``pipelines.cli.main`` calls (nothing is started: the run folder is n
 made), and one real subprocess for the exit status and the absence of a traceback.
 """
 import json
-import os
 import subprocess
 import sys
-import tarfile
 
 import pandas as pd
 import pytest
