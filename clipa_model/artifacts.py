@@ -93,6 +93,10 @@ def read_marker(folder: str, kind: str | None = None) -> dict:
         raise ArtifactError(
             f"{folder}: not a finished clipa artifact (no {MARKER}); expected the output "
             f"folder of a completed {kind or 'clipa'} step") from None
+    except NotADirectoryError:  # a file given where the artifact folder belongs
+        raise ArtifactError(
+            f"{folder}: is a file; expected a folder (the output folder of a completed "
+            f"{kind or 'clipa'} step)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: unreadable artifact marker ({e})") from None
     if not isinstance(marker, dict) or "kind" not in marker:

@@ -157,12 +157,13 @@ def evaluate(model: Input[Model], eval_set: Input[Dataset], metrics: Output[Metr
 
     from components.evaluate import run_evaluate
 
-    out_dir = tempfile.mkdtemp(prefix="clipa-eval-")
-    result = run_evaluate(model.path, eval_set.path, out_dir)
-    for key in ("top1", "top5", "colour_baseline_top1", "count", "seconds", "num_classes"):
-        metrics.log_metric(key, float(result[key]))
-    os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
-    shutil.copyfile(os.path.join(out_dir, "report.html"), report.path)
+    # Removed on success and failure (a kill of the whole run: the run's reaper).
+    with tempfile.TemporaryDirectory(prefix="clipa-eval-") as out_dir:
+        result = run_evaluate(model.path, eval_set.path, out_dir)
+        for key in ("top1", "top5", "colour_baseline_top1", "count", "seconds", "num_classes"):
+            metrics.log_metric(key, float(result[key]))
+        os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
+        shutil.copyfile(os.path.join(out_dir, "report.html"), report.path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,4 +196,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from components.cli_errors import run_main
+
+    sys.exit(run_main(main, "python -m components.evaluate"))

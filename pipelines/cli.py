@@ -171,7 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's import phones home
-    args = build_parser().parse_args(argv)
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        # A local run's processes and temporary folders end with it, a SIGKILL included;
+        # entered before the parser's imports, which make temporary folders too.
+        from pipelines.process_guard import guarded_tasks
+
+        with guarded_tasks():
+            return _dispatch(build_parser().parse_args(argv))
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def _dispatch(args) -> int:
+    """Run the subcommand; an expected input error is one line and exit status 2."""
     from components.download.component import UrlListError
 
     try:

@@ -94,8 +94,11 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     Raises:
         UrlListError: the URL list is missing or malformed (checked before any work).
         ValueError: an unknown recipe or parameter, or a URL list without eval set.
+        PreflightError: a parameter, the URL list or the eval set would fail a step.
     """
     from components.download.component import read_url_list
+    from pipelines.preflight import preflight
+    from pipelines.process_guard import guarded_tasks
     from pipelines.training_pipeline import pipeline_arguments
 
     if recipe_name not in recipes.RECIPES:
@@ -112,7 +115,6 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     if (overrides or {}).get("registry_serving_image"):
         raise ValueError("registry_serving_image: the Model Registry upload runs on Vertex AI only "
                          "(clipa submit); locally the export folder is the result")
-    os.makedirs(workdir, exist_ok=True)
     arguments = pipeline_arguments(recipe)
     from pipelines.training_pipeline import clipa_training
 
@@ -124,6 +126,12 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     start = time.time()
     counts = None
     with contextlib.ExitStack() as stack:
+        # Steps and their workers die with this run; temporary folders (this process's
+        # too, from the imports on) go with it.
+        stack.enter_context(guarded_tasks())
+        # The whole run, checked before the first step (the demo's data is made below).
+        preflight({**arguments, "url_list": url_list, "eval_set": eval_set})
+        os.makedirs(workdir, exist_ok=True)
         if url_list is None:
             url_list, eval_set, counts = _start_embedded_default(
                 stack, workdir, recipe, arguments.get("seed", 0))

@@ -168,6 +168,9 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     sub.add_argument("--job-id", default="", help="the job's id (default: clipa-training-TIMESTAMP)")
     sub.add_argument("--dry-run", action="store_true",
                      help="print the exact CreatePipelineJob request as JSON and send nothing")
+    sub.add_argument("--no-data-check", action="store_true",
+                     help="check the parameters only, not the URL list and eval set (for paths "
+                          "this machine cannot read)")
     return sub
 
 
@@ -180,6 +183,9 @@ def run_submit(args) -> int:
     pipeline = get_pipeline("training")
     values = typed_params(args.param, pipeline.component_spec.inputs)
     check_parameters(pipeline, values)
+    from pipelines.preflight import preflight
+
+    preflight(values, check_data=not args.no_data_check)  # before anything is compiled or sent
     placement = placement_from_args(args)
     if args.dataflow:
         from pipelines.placement import with_dataflow

@@ -2,4 +2,8 @@
 from components.download.component import main
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from components.cli_errors import run_main
+
+    sys.exit(run_main(main, "python -m components.download"))

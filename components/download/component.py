@@ -68,22 +68,21 @@ def download_part(url_parts: Input[Dataset], part: int, shards: Output[Dataset],
                   user_agent_token: str = ""):
     """Download one part of a split URL list with img2dataset (options: DownloadOptions).
 
+    The parameters after ``shards`` are ``DownloadOptions``' fields with its defaults
+    (KFP needs them written out; tests/components/download/test_download_options.py
+    checks that they match).
+
     Outputs:
         shards: NNNNN.tar (global shard numbers), NNNNN.parquet, NNNNN_stats.json,
             report.html; marker kind ``shards``.
     """
+    options = {k: v for k, v in locals().items() if k not in ("url_parts", "part", "shards")}
     import logging
 
     from components.download.run import run_download_part
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run_download_part(
-        url_parts.path, part, shards.path, image_size=image_size, resize_mode=resize_mode,
-        encode_format=encode_format, encode_quality=encode_quality, processes=processes,
-        threads=threads, timeout=timeout, retries=retries, min_image_size=min_image_size,
-        max_aspect_ratio=max_aspect_ratio, max_image_pixels=max_image_pixels,
-        compute_hash=compute_hash, disallowed_header_directives=disallowed_header_directives,
-        user_agent_token=user_agent_token)
+    result = run_download_part(url_parts.path, part, shards.path, **options)
     shards.metadata.update(part=part, count=result["count"], successes=result["successes"])
 
 
@@ -137,4 +136,8 @@ def main(argv: List[str] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from components.cli_errors import run_main
+
+    sys.exit(run_main(main, "python -m components.download"))

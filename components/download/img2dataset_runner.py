@@ -1,14 +1,16 @@
 """Run img2dataset on a checked URL table, with this project's guards around it.
 
 img2dataset (in-process, multiprocessing distributor) does the fetching, resizing and
-webdataset writing. Three of its classes are replaced by subclasses for one call:
+webdataset writing. Four of its classes are replaced by subclasses for one call:
 
-* ``GuardedDownloader`` installs the URL-safety guard (``components.download.url_safety``) in each
+* ``GuardedDownloader`` installs the URL-safety guard (``components.download.url_guard``) in each
   worker process before it fetches, so a host name that resolves to a private address
   or a redirect to one is refused at connect time;
 * ``CheckedResizer`` reads the image header before OpenCV decodes anything: an image
   claiming more than ``max_image_pixels`` (a decompression bomb) or a JPEG without its
   end marker (cut in transit; OpenCV would fill the rest with grey) is refused;
+* its worker and logger processes die with the process that started them
+  (``components.parent_death``), so a killed download leaves none behind;
 * its Reader numbers shards from ``first_shard``, so parts of one URL list
   downloaded by parallel tasks get globally unique shard names and sample keys (the
   keys img2dataset derives from shard ids), the same as a single run would give.
@@ -19,6 +21,7 @@ module must stay importable without kfp or Beam.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import logging
@@ -40,7 +43,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from components.download.options import DownloadOptions  # noqa: E402
 from components.download.stats import stats_files  # noqa: E402
 from components.filter_shard.images import image_facts  # noqa: E402
-from components.download.url_safety import install_guard  # noqa: E402
+from components.download.url_guard import install_guard  # noqa: E402
+from components.parent_death import die_with_parent  # noqa: E402
 
 log = logging.getLogger("clipa.download")
 
@@ -59,25 +63,41 @@ RESERVED_COLUMNS = frozenset({
 def _checked_classes():
     """The subclasses, built on first use (img2dataset imports cv2: ~1 s)."""
     from img2dataset.downloader import Downloader
+    from img2dataset.logger import LoggerProcess
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
-    return Downloader, Reader, Resizer
+    return Downloader, LoggerProcess, Reader, Resizer
 
 
 try:  # defined at import when img2dataset is there (workers unpickle them by name)
-    _Downloader, _Reader, _Resizer = _checked_classes()
+    _Downloader, _LoggerProcess, _Reader, _Resizer = _checked_classes()
 except ImportError:  # pragma: no cover - the data image always has img2dataset
-    _Downloader = _Reader = _Resizer = object
+    _Downloader = _LoggerProcess = _Reader = _Resizer = object
 
 
 class GuardedDownloader(_Downloader):
-    """img2dataset's Downloader with the URL-safety guard installed in its process."""
+    """img2dataset's Downloader with the URL-safety guard installed in its process,
+    which dies with the process that started it (a killed download leaves no worker)."""
 
     allow_networks = ""
 
     def __call__(self, row):
+        _die_with_parent_once()
         install_guard(self.allow_networks)
         return super().__call__(row)
+
+
+class GuardedLoggerProcess(_LoggerProcess):
+    """img2dataset's stats logger process, which dies with the process that started it."""
+
+    def run(self):
+        die_with_parent()
+        return super().run()
+
+
+@functools.lru_cache(maxsize=1)
+def _die_with_parent_once() -> None:
+    die_with_parent()
 
 
 class CheckedResizer(_Resizer):
@@ -137,12 +157,13 @@ def _patched(options: DownloadOptions, first_shard: int, allow_networks: str) ->
         instance.start_shard_id += first_shard
         return instance
 
-    saved = (main.Downloader, main.Resizer, main.Reader)
+    saved = (main.Downloader, main.Resizer, main.Reader, main.LoggerProcess)
     main.Downloader, main.Resizer, main.Reader = downloader, resizer, reader
+    main.LoggerProcess = GuardedLoggerProcess
     try:
         yield
     finally:
-        main.Downloader, main.Resizer, main.Reader = saved
+        main.Downloader, main.Resizer, main.Reader, main.LoggerProcess = saved
 
 
 @contextlib.contextmanager

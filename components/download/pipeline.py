@@ -18,6 +18,7 @@ from kfp import dsl
 from kfp.dsl import Dataset
 
 from components.download.component import download_part, merge_download, split_url_list
+from components.download.options import DownloadOptions
 
 # Most part tasks running at once (a compile-time constant in KFP). Vertex queues the rest.
 PARALLELISM = 16
@@ -50,20 +51,20 @@ def download(
     disallowed_header_directives: str = "noai,noimageai,noindex,noimageindex",
     user_agent_token: str = "",
 ) -> DownloadOutputs:
-    """Download ``url_list`` in ``parts`` parallel tasks into one ``shards`` artifact."""
+    """Download ``url_list`` in ``parts`` parallel tasks into one ``shards`` artifact.
+
+    The parameters from ``image_size`` on are ``DownloadOptions``' fields with its
+    defaults (checked by tests/components/download/test_download_options.py).
+    """
     split = split_url_list(url_list=url_list, parts=parts, samples_per_shard=samples_per_shard,
                            url_col=url_col, caption_col=caption_col,
                            allow_networks=allow_networks)
     split.set_display_name("split-url-list")
+    # Every DownloadOptions field but samples_per_shard (the split fixed it) goes to the parts.
+    options = {name: value for name, value in locals().items()
+               if name in DownloadOptions.__dataclass_fields__ and name != "samples_per_shard"}
     with dsl.ParallelFor(split.outputs["Output"], parallelism=PARALLELISM) as part:
-        task = download_part(
-            url_parts=split.outputs["url_parts"], part=part, image_size=image_size,
-            resize_mode=resize_mode, encode_format=encode_format, encode_quality=encode_quality,
-            processes=processes, threads=threads, timeout=timeout, retries=retries,
-            min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-            max_image_pixels=max_image_pixels, compute_hash=compute_hash,
-            disallowed_header_directives=disallowed_header_directives,
-            user_agent_token=user_agent_token)
+        task = download_part(url_parts=split.outputs["url_parts"], part=part, **options)
     merged = merge_download(url_parts=split.outputs["url_parts"],
                             parts=dsl.Collected(task.outputs["shards"]))
     return DownloadOutputs(shards=merged.outputs["shards"])

@@ -13,11 +13,15 @@ of the part folders is one namespace without collisions. The merged artifact ref
 the part folders (marker field ``parts``) instead of copying terabytes.
 
 Every folder is resumable: shards whose ``NNNNN_stats.json`` exists are kept, the
-unfinished one is redone; the marker is written last.
+unfinished one is redone; the marker is written last. A folder belongs to one job: its
+fingerprint (``download_job.fingerprint``: the URL list, a hash of its rows and the settings
+that shape the shards) is written before the first shard, and a rerun with anything
+else stops with an error naming what differs, instead of mixing two jobs' shards.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -35,6 +39,9 @@ log = logging.getLogger("clipa.download")
 
 PLAN = "plan.json"
 REFUSED = "refused.parquet"
+# The job a folder belongs to (JSON), written before any shard. Not *.json: img2dataset
+# takes every *.json at the folder root for a shard's stats.
+FINGERPRINT = "download_job.fingerprint"
 
 
 def screen(df: pd.DataFrame, allow_networks: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -62,6 +69,18 @@ def _write_parquet(df: pd.DataFrame, path: str) -> None:
         df.to_parquet(f, index=False)
 
 
+def _differences(was: dict, now: dict) -> dict:
+    """{field: (was, now)} for the fields of ``now`` whose value differs in ``was``."""
+    return {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+
+
+def _refuse_other_job(output_dir: str, what: str, differ: dict) -> ValueError:
+    return ValueError(
+        f"{output_dir}: already holds {what} of another download (was -> now: {differ}); "
+        "expected an empty folder or one from the same url list and settings. To start "
+        "fresh, delete this folder or give another output folder")
+
+
 def _reuse_finished(output_dir: str, fingerprint: dict) -> dict | None:
     """The marker of a finished download of the same input, or None if there is none.
 
@@ -72,22 +91,53 @@ def _reuse_finished(output_dir: str, fingerprint: dict) -> dict | None:
     if not artifacts.has_marker(output_dir, "shards"):
         return None
     marker = artifacts.read_marker(output_dir, "shards")
-    differ = {k: (marker.get(k), v) for k, v in fingerprint.items() if marker.get(k) != v}
+    differ = _differences(marker, fingerprint)
     if differ:
-        raise ValueError(
-            f"{output_dir}: already holds finished shards of another download "
-            f"(was -> now: {differ}); expected an empty folder or one from the same url "
-            f"list and settings. Use a new output folder or delete this one")
+        raise _refuse_other_job(output_dir, "finished shards", differ)
     log.info("%s: already holds this finished download (%d shards); nothing to do",
              output_dir, len(marker["shards"]))
     return {k: v for k, v in marker.items() if k not in ("kind", "format_version")}
 
 
+def claim_folder(output_dir: str, fingerprint: dict) -> None:
+    """Write the job's fingerprint before the first shard, or check the one there.
+
+    A rerun into an unfinished folder continues only the same job: the fingerprint
+    (URL list, its rows' hash, settings) written when the folder was first claimed must
+    equal this one, so shards of two lists or two image sizes never mix.
+
+    Raises:
+        ValueError: the folder holds another job's fingerprint, or shards without one.
+    """
+    path = artifacts.join(output_dir, FINGERPRINT)
+    fs, root = fsspec.core.url_to_fs(str(output_dir))
+    if fs.exists(path):
+        differ = _differences(artifacts.read_json(path), fingerprint)
+        if differ:
+            raise _refuse_other_job(output_dir, "unfinished shards", differ)
+        log.info("%s: continuing the unfinished download there (same list and settings)",
+                 output_dir)
+        return
+    leftovers = fs.glob(root.rstrip("/") + "/*.tar") if fs.exists(root) else []
+    if leftovers:
+        raise ValueError(
+            f"{output_dir}: holds {len(leftovers)} .tar shards but no {FINGERPRINT}, so "
+            "whether they come from this url list and settings is unknown; expected an "
+            "empty folder. To start fresh, delete this folder or give another output folder")
+    artifacts.write_json_atomic(path, fingerprint)
+
+
 def _fingerprint(url_list: str, count: int, options: DownloadOptions, **more) -> dict:
-    """What a finished output folder must match to be reused instead of redone."""
+    """What an output folder's job is: the list and the settings that shape its shards."""
     fp = {k: v for k, v in dataclasses.asdict(options).items()
           if k not in ("processes", "threads", "timeout", "retries")}
     return {"url_list": str(url_list), "count": count, **fp, **more}
+
+
+def rows_digest(df: pd.DataFrame) -> str:
+    """sha256 of the rows to fetch (every column, in order): the list's identity."""
+    hashes = pd.util.hash_pandas_object(df.astype(str), index=False).to_numpy()
+    return hashlib.sha256(hashes.tobytes() + ",".join(map(str, df.columns)).encode()).hexdigest()
 
 
 def _download_folder(df: pd.DataFrame, output_dir: str, options: DownloadOptions,
@@ -97,6 +147,7 @@ def _download_folder(df: pd.DataFrame, output_dir: str, options: DownloadOptions
     finished = _reuse_finished(output_dir, fingerprint)
     if finished is not None:
         return finished
+    claim_folder(output_dir, fingerprint)  # before the first shard
     start = time.perf_counter()
     if len(refused):
         _write_parquet(refused, artifacts.join(output_dir, REFUSED))
@@ -167,7 +218,8 @@ def run_download(url_list: str, output_dir: str, *, url_col: str = "url",
     parse_allow_list(allow_networks)
     df = read_url_list(url_list, url_col=url_col, caption_col=caption_col)
     fingerprint = _fingerprint(url_list, len(df), opts, url_col=url_col,
-                               caption_col=caption_col, allow_networks=allow_networks)
+                               caption_col=caption_col, allow_networks=allow_networks,
+                               rows_sha256=rows_digest(df))
     kept, refused = screen(df, allow_networks)
     return _download_folder(kept, output_dir, opts, fingerprint, 0, allow_networks, refused,
                             str(url_list), progress_seconds)
@@ -245,7 +297,7 @@ def run_download_part(plan_dir: str, part: int, output_dir: str, *,
         df = pd.read_parquet(f)
     fingerprint = _fingerprint(plan["url_list"], len(df), opts, part=part,
                                first_shard=entry["first_shard"],
-                               allow_networks=plan["allow_networks"])
+                               allow_networks=plan["allow_networks"], rows_sha256=rows_digest(df))
     result = _download_folder(df, output_dir, opts, fingerprint, entry["first_shard"],
                               plan["allow_networks"], pd.DataFrame(columns=["url", "reason", "note"]),
                               plan["url_list"], progress_seconds)

@@ -149,7 +149,9 @@ def read_one(path: str, url_col: str, caption_col: str) -> pd.DataFrame:
         if col not in df.columns:
             raise UrlListError(
                 f"{path}: no {col!r} column for {what}; found columns "
-                f"{_describe_columns(df.columns)}. Pass url_col=/caption_col= to name yours")
+                f"{_describe_columns(df.columns)}. Rename them to 'url' and 'caption' (what "
+                "clipa run reads), or name yours with --url-col/--caption-col of "
+                "python -m components.download")
     df = df.rename(columns={url_col: "url", caption_col: "caption"})
     df["url"] = _as_text(df["url"], path, url_col)
     df["caption"] = _as_text(df["caption"], path, caption_col)

@@ -12,27 +12,30 @@ the network. A web-scale URL list is untrusted input, so the download refuses, b
   ranges, also when written as IPv4-mapped IPv6 or in the legacy numeric forms
   (``http://2130706433/``, ``http://0x7f.1/``).
 
-Two places enforce it. ``screen_url`` checks each row of the URL list before any work
+Three places enforce it. ``screen_url`` checks each row of the URL list before any work
 (scheme, host name, IP literal), so refused rows are counted and never reach
 img2dataset. A host *name* can resolve to any address, and a public URL can redirect to
 a private one, so the check that counts happens when a connection is made:
-``install_guard`` gives ``urllib`` (which img2dataset fetches with) connection classes
+``url_guard.install_guard`` gives ``urllib`` (which img2dataset fetches with) connection classes
 that resolve the host, drop every address the policy refuses and connect only to an
 address that was checked (no second lookup that DNS rebinding could change). The guard
 is installed in img2dataset's worker processes only, for image fetches only: storage
 clients (gcsfs, google-auth) use their own HTTP stacks and still reach the metadata
 server for the worker's credentials.
 
+With an HTTP(S) proxy in the environment (``http_proxy``, ``https_proxy``), the proxy
+makes the connection to the target, so the guard checks the *target* before the request
+is handed to the proxy, on every redirect hop: its name (metadata names refused before
+any DNS lookup) and every address it resolves to here. The proxy itself is the
+operator's setting and is not checked (``components.download.url_guard``).
+
 ``allow_networks`` lifts the refusal for given networks, e.g. ``"127.0.0.1/32"`` for the
-local demo server and tests, or a proxy's network.
+local demo server and tests.
 """
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import socket
-import urllib.request
-from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -140,7 +143,7 @@ def screen_url(url: str, policy: UrlPolicy) -> tuple[str | None, str]:
     if not host:
         return BAD_URL, "no host"
     host = host.rstrip(".").lower()
-    if host in METADATA_HOSTS or host.endswith(".internal"):
+    if is_metadata_host(host):
         return REFUSED_HOST, host
     ip = _ip_literal(host)
     if ip is not None:
@@ -150,78 +153,8 @@ def screen_url(url: str, policy: UrlPolicy) -> tuple[str | None, str]:
     return None, ""
 
 
-# ---------------------------------------------------------------------------------------
-# The connect-time guard (in img2dataset's worker processes)
+def is_metadata_host(host: str) -> bool:
+    """Whether ``host`` names a cloud metadata service (refused by name, never looked up)."""
+    host = str(host or "").rstrip(".").lower()
+    return host in METADATA_HOSTS or host.endswith(".internal")
 
-
-def guarded_create_connection(policy: UrlPolicy):
-    """``socket.create_connection`` that only connects to addresses ``policy`` allows."""
-
-    def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
-                          source_address=None, **_):
-        host, port = address[:2]
-        error: OSError | None = None
-        refused = []
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
-                host, port, 0, socket.SOCK_STREAM):
-            why = address_refusal(sockaddr[0].split("%", 1)[0], policy)
-            if why:
-                refused.append(f"{sockaddr[0]} ({why})")
-                continue
-            sock = socket.socket(family, kind, proto)
-            try:
-                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
-                    sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(sockaddr)  # the address just checked: no second lookup
-                return sock
-            except OSError as e:
-                sock.close()
-                error = e
-        if error is not None:
-            raise error
-        raise UnsafeAddressError(f"{GUARD_MESSAGE}: {host} resolves to "
-                                 f"{', '.join(refused) or 'nothing'}; not fetched")
-
-    return create_connection
-
-
-def guarded_opener(policy: UrlPolicy) -> urllib.request.OpenerDirector:
-    """A urllib opener for http(s) only whose connections pass through the guard.
-
-    Redirects are followed (each new host is checked again); ``file:``, ``ftp:`` and
-    ``data:`` handlers are left out, so a redirect there fails.
-    """
-    connect = guarded_create_connection(policy)
-
-    class GuardedHTTPConnection(http.client.HTTPConnection):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._create_connection = connect  # http.client's hook for opening the socket
-
-    class GuardedHTTPSConnection(http.client.HTTPSConnection):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._create_connection = connect
-
-    class HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(GuardedHTTPConnection, req)
-
-    class HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(GuardedHTTPSConnection, req, context=self._context)
-
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
-                    HTTPHandler(), HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
-
-
-@lru_cache(maxsize=8)
-def install_guard(allow_networks: str) -> None:
-    """Make ``urllib.request.urlopen`` in this process use ``guarded_opener`` (once)."""
-    urllib.request.install_opener(guarded_opener(parse_allow_list(allow_networks)))

@@ -63,8 +63,40 @@ def _jpeg_complete(data: bytes) -> bool:
     return data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9"
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a PNG, WebP or GIF header claims, read from its bytes, else None.
+
+    PIL's own parse refuses a header claiming over twice ``Image.MAX_IMAGE_PIXELS``
+    before it says the size, so the size of a bomb (and ``max_image_pixels`` above
+    PIL's limit) is read here instead.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 30:
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit canvas width-1 and height-1
+        return (1 + int.from_bytes(data[24:27], "little"),
+                1 + int.from_bytes(data[27:30], "little"))
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the frame tag and start code
+        return (struct.unpack("<H", data[26:28])[0] & 0x3FFF,
+                struct.unpack("<H", data[28:30])[0] & 0x3FFF)
+    if chunk == b"VP8L" and data[20] == 0x2F:  # lossless: two 14-bit sizes minus one
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
 def _pil_size(data: bytes, max_pixels: int) -> tuple[int, int, bool]:
-    """(width, height, too_large) from PIL's header parse (PNG, WebP, ...)."""
+    """(width, height, too_large) from the header (PNG, WebP, GIF) or PIL's parse."""
+    size = header_size(data)
+    if size is not None:
+        width, height = size
+        if width < 1 or height < 1:
+            raise ValueError(f"empty image {width}x{height}")
+        return width, height, width * height > max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

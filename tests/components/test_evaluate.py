@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import tempfile
 import tarfile
 
 import numpy as np
@@ -168,6 +169,26 @@ def test_kfp_component_logs_metrics_and_copies_report(data, models, tmp_path):
     assert {"top1", "top5", "count", "num_classes", "colour_baseline_top1", "seconds"} <= set(metrics.metadata)
     assert metrics.metadata["num_classes"] == len(CLASSNAMES)  # the eval set's own classes.json
     assert "<html" in open(report.path).read()
+
+
+def test_kfp_component_leaves_no_temporary_folder_on_success_or_failure(data, models, tmp_path,
+                                                                      monkeypatch):
+    from kfp.dsl import HTML, Dataset, Metrics, Model
+
+    from pipelines.demo_data import write_eval_set
+
+    tmp = tmp_path / "tmp"  # this test's system temporary folder, listed afterwards
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    write_eval_set(good, n_per_class=1, seed=3, size=48)
+    write_eval_set(bad, n_per_class=1, seed=3, size=48)
+    os.remove(os.path.join(bad, "eval-00000.tar"))  # the marker names a shard that is gone
+    outputs = dict(metrics=Metrics(uri=str(tmp_path / "m")), report=HTML(uri=str(tmp_path / "r.html")))
+    evaluate.python_func(model=Model(uri=models["artifact"]), eval_set=Dataset(uri=good), **outputs)
+    with pytest.raises(Exception):
+        evaluate.python_func(model=Model(uri=models["artifact"]), eval_set=Dataset(uri=bad), **outputs)
+    assert os.listdir(tmp) == []  # clipa-eval-* removed both times
 
 
 def test_class_names_default_to_open_clips_imagenet_metadata(tmp_path):

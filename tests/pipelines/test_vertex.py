@@ -6,11 +6,15 @@ The one call with no local endpoint is the SDK's project-number lookup through G
 resource manager (its bucket-ownership check); the tests replace
 ``resource_manager_utils.get_project_number`` with the emulator's project number (1234).
 """
+import io
 import json
 import logging
 import re
+import tarfile
 
+import pandas as pd
 import pytest
+from PIL import Image
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
 from google.cloud.aiplatform import initializer
@@ -38,11 +42,31 @@ def vertex(monkeypatch):
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
         aiplatform.init(project=PROJECT, location=REGION, api_endpoint=url, api_transport="rest",
                         credentials=AnonymousCredentials())
+        _put_run_data(fs)
         try:
             yield state, fs
         finally:
             vars(initializer.global_config).clear()
             vars(initializer.global_config).update(saved)
+
+
+def _put_run_data(fs) -> None:
+    """The URL lists and eval sets the submits name, in the emulator: ``clipa submit``
+    reads them before sending (pipelines/preflight.py)."""
+    urls = io.BytesIO()
+    pd.DataFrame({"url": ["https://example.com/a.jpg"], "caption": ["a cat on a mat"]}).to_parquet(urls)
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, format="JPEG")
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w") as tar:
+        for name, data in (("0.jpg", image.getvalue()), ("0.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for name in ("urls.parquet", "u.parquet"):
+        fs.pipe(f"bkt/{name}", urls.getvalue())
+    for name in ("eval_set", "e"):
+        fs.pipe(f"bkt/{name}/000.tar", shard.getvalue())
 
 
 def _submit_args(*extra):
@@ -149,6 +173,20 @@ def test_unknown_param_fails_before_anything_is_sent(vertex, capsys):
     state, _ = vertex
     assert main(_submit_args("--param", "pretrain_sample=3")) == 2
     assert "unknown pipeline parameter 'pretrain_sample'" in capsys.readouterr().err
+    assert state.requests == []
+
+
+@pytest.mark.parametrize("param, message", [
+    ("ft224_mask_ratio=1.5", "pipeline parameter ft224_mask_ratio=1.5: expected in [0, 1)"),
+    ("preset=nope", "pipeline parameter preset='nope'"),
+    ("eval_set=gs://bkt/missing", "eval_set: gs://bkt/missing: not found"),
+    ("url_list=gs://bkt/missing.parquet", "url_list: gs://bkt/missing.parquet: URL list not found"),
+])
+def test_a_run_that_would_fail_in_a_step_is_not_sent(vertex, capsys, param, message):
+    state, _ = vertex
+    assert main(_submit_args("--param", param)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert state.requests == []
 
 

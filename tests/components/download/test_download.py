@@ -250,6 +250,73 @@ def test_unfinished_folder_resumes_missing_shards_only(downloaded):
     assert keys(out) == keys(downloaded["out"])  # nothing dropped, nothing twice
 
 
+def _as_if_killed(downloaded, name):
+    """A copy of the finished download as a kill during shard 1 leaves it."""
+    out = str(downloaded["tmp"] / name)
+    shutil.copytree(downloaded["out"], out)
+    os.remove(os.path.join(out, "clipa_artifact.json"))
+    os.remove(os.path.join(out, "00001_stats.json"))
+    return out
+
+
+def _state(folder):
+    return {f: os.path.getmtime(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(url_list="a.parquet"), "url_list"),  # another list (a part of the first one)
+    (dict(image_size=32), "image_size"),
+    (dict(encode_format="png", encode_quality=9), "encode_format"),
+])
+def test_unfinished_folder_of_another_job_is_refused_untouched(downloaded, change, named):
+    out = _as_if_killed(downloaded, f"other-job-{named}")
+    before = _state(out)
+    args = {**DOWNLOAD_ARGS, **change}
+    url_list = os.path.join(downloaded["url_list"], args.pop("url_list", ""))
+    with pytest.raises(ValueError, match=rf"already holds unfinished shards of another "
+                                         rf"download.*{named}.*delete this folder") as err:
+        run_download(url_list.rstrip("/"), out, **args)
+    assert out in str(err.value)
+    assert _state(out) == before  # nothing fetched, nothing written: no mix
+
+
+def test_shards_without_a_fingerprint_are_refused(downloaded):
+    out = _as_if_killed(downloaded, "no-fingerprint")
+    os.remove(os.path.join(out, "download_job.fingerprint"))
+    before = _state(out)
+    with pytest.raises(ValueError, match=r"holds \d+ \.tar shards but no download_job\.fingerprint"):
+        run_download(downloaded["url_list"], out, **DOWNLOAD_ARGS)
+    assert _state(out) == before
+
+
+def test_sigkill_takes_img2datasets_workers_and_a_rerun_stays_one_job(served, tmp_path):
+    """A download killed mid-shard: no worker outlives it; the folder keeps its job."""
+    from process_tree import descendants, wait_for, wait_until_gone
+
+    out, urls = tmp_path / "out", tmp_path / "urls.parquet"
+    with serve_with_headers(str(served["root"])) as drip:  # /drip/: 16 bytes per 0.5 s
+        pd.DataFrame({"url": [f"{drip.base_url}/drip/images/{i:04d}.jpg" for i in range(4)],
+                      "caption": [f"a slow image number {i}" for i in range(4)]}
+                     ).to_parquet(urls)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "components.download", "--url-list", str(urls), "--output",
+             str(out), "--allow-networks", ALLOW, "--timeout", "120", "--image-size", "64"],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: drip.requests["drip/images/0000.jpg"], 120)  # fetching now
+            workers = descendants(proc.pid)  # img2dataset's worker and logger processes
+            assert len(workers) >= 2
+            proc.kill()
+            proc.wait()
+            assert wait_until_gone(workers, 20) == set()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not (out / "clipa_artifact.json").exists()  # unfinished
+    with pytest.raises(ValueError, match=r"unfinished shards of another download.*image_size"):
+        run_download(str(urls), str(out), **{**DOWNLOAD_ARGS, "image_size": 32})
+
+
 def test_default_policy_refuses_loopback_even_behind_a_name(served, tmp_path):
     """No allow-list: 127.0.0.1 is refused by the screen, ``localhost`` when connecting."""
     base, port = served["base_url"], served["base_url"].rsplit(":", 1)[1]

@@ -27,6 +27,7 @@ from PIL import Image
 from components.download.options import DEFAULT_DISALLOWED, DownloadOptions
 
 SLOW_SECONDS = 4  # the /slow/ answer's delay; the run's timeout is shorter
+DRIP_SECONDS = 0.5  # the /drip/ answer's gap between 16-byte pieces (each read is quick)
 
 
 class _HeaderHandler(http.server.SimpleHTTPRequestHandler):
@@ -34,14 +35,15 @@ class _HeaderHandler(http.server.SimpleHTTPRequestHandler):
 
     ``/noai/F``: F with ``X-Robots-Tag: noai``; ``/otherbot/F``: with ``X-Robots-Tag:
     otherbot: noai`` (meant for another crawler); ``/slow/F``: F after SLOW_SECONDS;
-    ``/flaky/F``: 503 the first time, F afterwards; anything else: F.
+    ``/flaky/F``: 503 the first time, F afterwards; ``/drip/F``: F in 16-byte pieces
+    DRIP_SECONDS apart (no read waits long, the whole answer does); anything else: F.
     """
 
     kind = ""
 
     def send_head(self):
         first, _, rest = self.path.lstrip("/").partition("/")
-        if first in ("noai", "otherbot", "slow", "flaky"):
+        if first in ("noai", "otherbot", "slow", "flaky", "drip"):
             self.kind, self.path = first, "/" + rest
         self.server.requests[self.kind + self.path] += 1
         if self.kind == "flaky" and self.server.requests[self.kind + self.path] == 1:
@@ -59,9 +61,15 @@ class _HeaderHandler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile):
         try:
-            super().copyfile(source, outputfile)
+            if self.kind != "drip":
+                super().copyfile(source, outputfile)
+                return
+            while piece := source.read(16):
+                outputfile.write(piece)
+                outputfile.flush()
+                time.sleep(DRIP_SECONDS)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up on a /slow/ answer: what the test wants
+            pass  # the client gave up on a /slow/ or /drip/ answer: what the test wants
 
     def log_message(self, *args):
         pass
@@ -115,7 +123,8 @@ def options_run(tmp_path_factory):
         rows.append((f"images/{i}.jpg", _expected(w, h)))
     rows += [("noai/images/5.jpg", "success"),  # honoured by default; "" honours none
              ("flaky/images/2.jpg", "success"),  # 503, then 200 on the retry
-             ("slow/images/1.jpg", "timeout")]
+             ("slow/images/1.jpg", "timeout"),
+             ("drip/images/3.jpg", "timeout")]  # the whole-URL deadline (timeout=2)
     with serve_with_headers(str(tmp / "root")) as server:
         pd.DataFrame({"url": [f"{server.base_url}/{p}" for p, _ in rows],
                       "caption": [f"a test image number {i}" for i in range(len(rows))],
@@ -143,6 +152,7 @@ def test_outcomes_follow_the_size_aspect_robots_retry_and_timeout_options(option
     assert result["failures"] == dict(want)  # too_small, aspect_ratio, timeout
     assert options_run["requests"]["flaky/images/2.jpg"] == 2  # retries=1 fetched it again
     assert options_run["requests"]["slow/images/1.jpg"] == 2  # timed out twice
+    assert options_run["requests"]["drip/images/3.jpg"] == 2  # a deadline, not per read
 
 
 def test_images_are_cropped_encoded_hashed_and_sharded_as_asked(options_run):
@@ -183,6 +193,38 @@ def test_every_option_is_exposed_everywhere_with_img2datasets_robots_default(cap
     # the robots default is img2dataset's own list of X-Robots-Tag directives
     source = inspect.getsource(importlib.import_module("img2dataset.main").download)
     assert repr(DEFAULT_DISALLOWED.split(",")).replace("'", '"') in source
+
+
+def test_download_options_are_defined_once():
+    """DownloadOptions is the one definition: every place that takes download options
+    takes its fields with its defaults and types, and nothing else by those names."""
+    from components.download.component import download_part
+    from components.download.pipeline import download
+    from pipelines.preflight import DOWNLOAD_PARAMETERS
+    from pipelines.training_pipeline import clipa_training
+
+    fields = DownloadOptions.__dataclass_fields__
+    for func, skip in ((download.pipeline_func, {"samples_per_shard"}),
+                       (download_part.python_func, {"samples_per_shard"})):
+        params = inspect.signature(func).parameters
+        for name, field in fields.items():
+            if name in skip:
+                continue
+            assert params[name].default == field.default, (func.__name__, name)
+            assert params[name].annotation is type(field.default), (func.__name__, name)
+    # The sub-pipeline hands every option to its part tasks (compiled, not just named).
+    spec = download.pipeline_spec.root.dag.tasks["for-loop-1"].component_ref.name
+    part_inputs = download.pipeline_spec.components[spec].dag.tasks["download-part"].inputs.parameters
+    assert set(fields) - {"samples_per_shard"} <= set(part_inputs)
+    # The training pipeline's download parameters are DownloadOptions fields by another
+    # name, of the same type (preflight checks their values with DownloadOptions).
+    inputs = clipa_training.component_spec.inputs
+    ours = {n for n in inputs if n.startswith("download_")} - {"download_parts",
+                                                               "download_allow_networks"}
+    assert ours | {"samples_per_shard"} == set(DOWNLOAD_PARAMETERS)
+    kfp_type = {int: "Integer", float: "Float", str: "String"}
+    for name, field in DOWNLOAD_PARAMETERS.items():
+        assert inputs[name].type == kfp_type[type(fields[field].default)], name
 
 
 @pytest.mark.parametrize("bad, message", [
