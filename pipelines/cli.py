@@ -20,7 +20,7 @@ import time
 
 from clipa_model import recipes
 from components.cli_args import key_value, typed_params
-from pipelines.placement import add_placement_args, placement_from_args
+from pipelines.placement import add_placement_args, add_training_job_args, placement_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default=None,
                       help="where to write it (default: pipeline.yaml, or eval_pipeline.yaml for --pipeline eval)")
     add_placement_args(comp, default=None)
+    add_training_job_args(comp)
 
     from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
