@@ -78,8 +78,8 @@ class _StageCheckpoints:
     """Saving and restoring the resumable state of one stage.
 
     Args:
-        identity: ``stage_identity`` plus "data_ref" / "init_model_ref" (the paths, for
-            messages); saved with every checkpoint and checked on resume.
+        identity: ``stage_identity`` plus its "key" and "data_ref" / "init_model_ref" (the
+            paths, for messages); saved with every checkpoint and checked on resume.
     """
 
     def __init__(self, ckpt_dir, stage, model, model_cfg, device, dist_env, identity):
@@ -210,7 +210,8 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
     identity = stage_identity(stage, preset, data_identity(data_dir),
                               init_model_identity(init_model_dir))
     ckpt_dir = checkpoint_folder(output_dir, identity, checkpoint_dir, checkpoint_root)
-    identity = {**identity, "data_ref": data_dir, "init_model_ref": init_model_dir}
+    identity = {**identity, "key": stage_key(identity), "data_ref": data_dir,
+                "init_model_ref": init_model_dir}
     model_cfg = model_config(preset, stage.image_size, stage.text_len)
     ckpts = _StageCheckpoints(ckpt_dir, stage, model, model_cfg, device, dist_env, identity)
     run = _StageRun(data_dir, output_dir, stage, preset, model, device, dist_env, data_count)
@@ -236,7 +237,7 @@ class _StageRun:
             resume.write_identity(ckpts.ckpt_dir, ckpts.identity)
         batches = TimedBatches(self._batches(start_step))
         live = LiveLog(self.output_dir, stage, start_step, history, report_to, dist_env.is_main,
-                       batches, probe, run_id=stage_key(ckpts.identity), config=resolved)
+                       batches, probe, run_id=ckpts.identity["key"], config=resolved)
         flops = flops_per_sample(self.preset, stage.image_size, stage.text_len, stage.mask_ratio)
         self._log_start(flops)
         t0 = time.perf_counter()

@@ -110,3 +110,41 @@ def test_wandb_offline_run_gets_the_same_rows(data, tmp_path, monkeypatch):
     assert sorted(rows) == [2, 4, 6, 8]
     history = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "history.jsonl")))}
     assert all(rows[s]["train/loss"] == pytest.approx(history[s]["loss"]) for s in rows)
+
+
+def test_a_running_stage_shows_its_rows_and_events_before_it_ends(data, tmp_path):
+    """The command line trains in a subprocess; while it runs (no marker yet), history.jsonl
+    and the event files already hold the logged steps."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support import REPO_ROOT
+
+    shards, _ = data
+    out = str(tmp_path / "m")
+    sets = {"image_size": 28, "samples": 16 * 400, "batch_size": 16, "log_every": 1,
+            "num_threads": 1, "num_workers": 0, "crop_scale": [0.8, 1.0]}
+    cmd = [sys.executable, "-m", "components.train", shards, out, "--preset", "tiny",
+           *[f"--set={k}={json.dumps(v)}" for k, v in sets.items()]]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = os.path.join(out, "history.jsonl")
+    try:
+        deadline = time.monotonic() + 300
+        rows = []
+        while len(rows) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+            rows = open(history).read().splitlines() if os.path.exists(history) else []
+        assert not os.path.exists(os.path.join(out, "clipa_artifact.json"))  # still training
+        steps = [json.loads(r)["step"] for r in rows if r.endswith("}")]
+        assert steps[:3] == [1, 2, 3]
+        while 3 not in [s for s, _ in _scalars(os.path.join(out, "tensorboard")).get(
+                "train/loss", [])]:  # SummaryWriter flushes every 10 s
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

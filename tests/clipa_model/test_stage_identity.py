@@ -95,6 +95,11 @@ def test_a_rerun_on_other_data_never_resumes_a_foreign_checkpoint(datasets, tmp_
     assert [s for s, _ in resume.list_checkpoints(a_dir)] == [2]
     identity = json.load(open(os.path.join(result["checkpoint_dir"], "identity.json")))
     assert identity["data"] == data_identity(b) and identity["data_ref"] == b
+    # Another seed or config on data A: a folder of its own, a fresh start.
+    for other in (stage.replace(seed=3), stage.replace(lr=2e-3)):
+        result = train_stage(a, str(tmp_path / f"m_{other.seed}_{other.lr}"), other,
+                             preset="tiny", checkpoint_root=root)
+        assert result["resumed_from"] == 0 and result["checkpoint_dir"] != a_dir
     # Data A under the same root continues A's checkpoint.
     result = train_stage(a, str(tmp_path / "m_a"), stage, preset="tiny", checkpoint_root=root)
     assert result["resumed_from"] == 2 and result["checkpoint_dir"] == a_dir
