@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 from typing import Iterable, Iterator
 
@@ -68,6 +70,50 @@ class TimedBatches:
         """Seconds waited since the last call."""
         wait, self.wait = self.wait, 0.0
         return wait
+
+
+class EventDir:
+    """A SummaryWriter for one log folder, local or on an object store.
+
+    tensorboard's event writer appends to its file, which object stores cannot do (gcsfs
+    rewrites the object with the appended part only), so for a gs:// folder the writer
+    writes to a local temporary folder whose files are copied whole to the destination at
+    most every ``sync_secs`` and when the stage ends.
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None, sync_secs: float = 30.0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = logdir if "://" in logdir else None
+        self.local = tempfile.mkdtemp(prefix="clipa-tb-") if self.remote else logdir
+        os.makedirs(self.local, exist_ok=True)
+        self.writer = SummaryWriter(self.local, purge_step=purge_step, flush_secs=10)
+        self.sync_secs, self.last_sync = sync_secs, None
+
+    def add_scalars(self, scalars: dict, step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, global_step=step)
+        self.sync()
+
+    def sync(self, force: bool = False) -> None:
+        """Copy the event files to an object-store destination (whole files)."""
+        now = time.monotonic()
+        if self.remote is None or (not force and self.last_sync is not None
+                                   and now - self.last_sync < self.sync_secs):
+            return
+        import fsspec
+
+        self.writer.flush()
+        fs, root = fsspec.core.url_to_fs(self.remote)
+        for name in os.listdir(self.local):
+            fs.put_file(os.path.join(self.local, name), f"{root.rstrip('/')}/{name}")
+        self.last_sync = now
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync(force=True)
+        if self.remote is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class ZeroShotProbe:
@@ -144,18 +190,13 @@ class LiveLog:
         return self
 
     def _tensorboard_writers(self, start_step: int) -> list:
-        from torch.utils.tensorboard import SummaryWriter
-
         # purge_step: a resumed stage hides the events an interrupted run wrote past it.
         purge = start_step + 1 if start_step else None
         dirs = [join(self.output_dir, "tensorboard")]
         vertex = os.environ.get("AIP_TENSORBOARD_LOG_DIR")
         if vertex:
             dirs.append(join(vertex, self.stage.stage))
-        for d in dirs:
-            if "://" not in d:
-                os.makedirs(d, exist_ok=True)
-        return [SummaryWriter(d, purge_step=purge, flush_secs=10) for d in dirs]
+        return [EventDir(d, purge) for d in dirs]
 
     def _start_history(self, history: list[dict]) -> None:
         rows = [r for r in history if "samples_per_s" in r]  # the logged rows
@@ -214,8 +255,7 @@ class LiveLog:
             if key in row:
                 scalars[name] = row[key]
         for writer in self.writers:
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, global_step=row["step"])
+            writer.add_scalars(scalars, row["step"])
         if self.wandb is not None:
             self.wandb.log(scalars, step=row["step"])
 

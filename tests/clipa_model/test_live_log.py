@@ -148,3 +148,15 @@ def test_a_running_stage_shows_its_rows_and_events_before_it_ends(data, tmp_path
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_vertex_events_go_to_the_aip_tensorboard_dir_on_gcs_too(data, gcs, monkeypatch):
+    """On a custom job with a TensorBoard instance Vertex sets AIP_TENSORBOARD_LOG_DIR (gs://);
+    the Model artifact itself may be gs:// as well (GCS emulator on loopback)."""
+    shards, _ = data
+    monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", "gs://bkt/jobs/logs")
+    train_stage(shards, "gs://bkt/run/model", _stage(samples=16 * 4), preset="tiny")
+    for logdir in ("gs://bkt/run/model/tensorboard", "gs://bkt/jobs/logs/pretrain"):
+        assert [s for s, _ in _scalars(logdir)["train/loss"]] == [2, 4], logdir
+    rows = gcs.cat("bkt/run/model/history.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
