@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for this run's data and artifacts (default: runs/<timestamp>)")
     run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
+    run.add_argument("--report-to", default=None, metavar="tensorboard,wandb",
+                     help="live metrics of the training stages: tensorboard, wandb, both "
+                          "comma-separated, or none (default: tensorboard; the report_to parameter)")
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
                           description="Compile the training or the eval pipeline. Without --placement "
@@ -74,6 +77,11 @@ def cmd_run(args) -> int:
     from pipelines.training_pipeline import clipa_training
 
     overrides = typed_params(args.param, clipa_training.component_spec.inputs)
+    if args.report_to is not None:
+        overrides["report_to"] = args.report_to
+    if "report_to" in overrides:  # a typo fails now, not after download and filter
+        from clipa_model.live_log import parse_report_to
+        parse_report_to(overrides["report_to"])
     result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides)
     print()
     print(format_summary(result.summary))

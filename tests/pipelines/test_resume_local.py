@@ -104,3 +104,12 @@ def test_clipa_run_killed_mid_pretrain_resumes_and_matches_uninterrupted_stages(
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), task
         init = ref
+
+
+def test_an_unknown_reporter_fails_before_the_run_starts(tmp_path, capsys):
+    from pipelines.cli import main
+
+    workdir = str(tmp_path / "w")
+    assert main(["run", "--recipe", "smoke", "--workdir", workdir, "--report-to", "wandbb"]) == 2
+    assert "report_to='wandbb': unknown ['wandbb']" in capsys.readouterr().err
+    assert not os.path.exists(workdir)
