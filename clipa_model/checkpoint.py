@@ -39,6 +39,14 @@ def model_config(preset: str, image_size: int, text_len: int) -> dict:
             "architecture": dataclasses.asdict(get_preset(preset))}
 
 
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_bytes(path: str, data: bytes) -> None:
     """Write a file atomically (temporary name + rename locally; object stores publish whole).
 
@@ -56,6 +64,7 @@ def _write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))  # the rename itself, durably
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -1,6 +1,9 @@
 """Checkpoint folders keyed by the stage's identity; resumes check the data; leftovers; divergence."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from clipa_model.stage_identity import (data_identity, init_model_identity, stag
                                         stage_key)
 from clipa_model.train_stage import train_stage
 from pipelines.demo_data import write_demo_shards
-from support import make_model_artifact
+from support import REPO_ROOT, make_model_artifact
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +145,26 @@ def test_a_diverging_lr_stops_naming_the_step_and_keeps_the_last_good_checkpoint
                          resume_from=ckpt)
     assert result["resumed_from"] == kept[-1] and result["checkpoint_dir"] != ckpt
     assert result["steps"] == 8
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to see the syscalls")
+def test_a_checkpoint_is_fsynced_before_its_rename(tmp_path):
+    """The syscalls of a real save (strace): the temporary file's data is fsynced before it
+    is renamed to step-N.pt, and the folder after it, so a machine crash cannot leave a
+    step-N.pt that is empty or gone."""
+    ckpt, trace = str(tmp_path / "ck"), str(tmp_path / "trace")
+    code = ("import torch; from clipa_model import resume; "
+            f"resume.save_state({ckpt!r}, {{'step': 3, 'w': torch.ones(3)}})")
+    subprocess.run(["strace", "-f", "-e", "trace=openat,fsync,rename,renameat,renameat2",
+                    "-o", trace, sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    calls = [line.split(None, 1)[1] for line in open(trace) if ckpt in line or "fsync(" in line]
+    opened = next(i for i, c in enumerate(calls) if ".pt.tmp-" in c and "O_CREAT" in c)
+    fd = calls[opened].rsplit("= ", 1)[1].strip()
+    renamed = next(i for i, c in enumerate(calls) if c.startswith("rename") and
+                   c.rstrip().endswith("= 0") and "step-000000003.pt\"" in c)
+    assert f"fsync({fd})" in [c.split(" ")[0] for c in calls[opened:renamed]]
+    after = calls[renamed + 1:]
+    dir_open = next(i for i, c in enumerate(after) if f'"{ckpt}"' in c and "O_RDONLY" in c)
+    dir_fd = after[dir_open].rsplit("= ", 1)[1].strip()
+    assert f"fsync({dir_fd})" in [c.split(" ")[0] for c in after[dir_open:]]
