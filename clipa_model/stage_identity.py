@@ -40,9 +40,12 @@ def data_identity(data_dir: str) -> str:
     """
     read_marker(data_dir, "filtered_shards")
     manifest = read_json(join(data_dir, "manifest.json"))
-    fs, _ = fsspec.core.url_to_fs(data_dir)
-    sizes = {s["name"]: fs.size(fsspec.core.url_to_fs(join(data_dir, s["name"]))[1])
-             for s in manifest.get("shards", [])}
+    fs, root = fsspec.core.url_to_fs(data_dir)
+    fs.invalidate_cache(root)
+    # One listing, not a request per shard (thousands of shards on GCS, on every rank).
+    listed = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e["size"]
+              for e in fs.ls(root, detail=True)}
+    sizes = {s["name"]: listed.get(s["name"]) for s in manifest.get("shards", [])}
     return _sha256_json({"manifest": manifest, "shard_bytes": sizes})
 
 

@@ -168,3 +168,9 @@ def test_a_checkpoint_is_fsynced_before_its_rename(tmp_path):
     dir_open = next(i for i, c in enumerate(after) if f'"{ckpt}"' in c and "O_RDONLY" in c)
     dir_fd = after[dir_open].rsplit("= ", 1)[1].strip()
     assert f"fsync({dir_fd})" in [c.split(" ")[0] for c in after[dir_open:]]
+
+
+def test_the_data_identity_is_the_same_wherever_the_data_lives(datasets, gcs):
+    a, b = datasets
+    gcs.put(a, "bkt/copy/a", recursive=True)
+    assert data_identity("gs://bkt/copy/a") == data_identity(a) != data_identity(b)
