@@ -160,3 +160,29 @@ def test_vertex_events_go_to_the_aip_tensorboard_dir_on_gcs_too(data, gcs, monke
         assert [s for s, _ in _scalars(logdir)["train/loss"]] == [2, 4], logdir
     rows = gcs.cat("bkt/run/model/history.jsonl").decode().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_probe_and_log_once(data, tmp_path):
+    """torch.distributed.run with 2 CPU processes: rank 0 alone writes the events and runs the
+    zero-shot probes while rank 1 waits in its next collective (no deadlock)."""
+    import subprocess
+    import sys
+
+    from support import REPO_ROOT
+
+    shards, eval_set = data
+    out = str(tmp_path / "m")
+    sets = {"image_size": 28, "samples": 128, "batch_size": 16, "log_every": 2,
+            "num_threads": 1, "num_workers": 0, "checkpoint_every": 1, "checkpoint_minutes": 0,
+            "zeroshot_every": 48, "crop_scale": [0.8, 1.0]}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "-m", "components.train", shards, out, "--preset", "tiny", "--eval-set", eval_set,
+           "--checkpoint-root", str(tmp_path / "root"),
+           *[f"--set={k}={json.dumps(v)}" for k, v in sets.items()]]
+    subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+                   capture_output=True, timeout=600)
+    assert len(os.listdir(os.path.join(out, "tensorboard"))) == 1  # one writer
+    scalars = _scalars(os.path.join(out, "tensorboard"))
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
+    assert [s for s, _ in scalars["zeroshot/top1"]] == [4, 6]
