@@ -46,6 +46,12 @@ def parse_report_to(value: str | Iterable[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"report_to={value!r}: unknown {unknown}; expected a comma-separated "
                          f"subset of {REPORT_TO} (or 'none')")
+    if "wandb" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"report_to={value!r}: the wandb package is not installed here; "
+                             "pip install 'clipa-pipeline[wandb]' (or leave wandb out)")
     return names
 
 
