@@ -13,7 +13,9 @@ uses the checkpoint's own image size and normalisation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -37,16 +39,36 @@ def model_config(preset: str, image_size: int, text_len: int) -> dict:
             "architecture": dataclasses.asdict(get_preset(preset))}
 
 
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_bytes(path: str, data: bytes) -> None:
-    """Write a file atomically (temporary name + rename locally; object stores publish whole)."""
+    """Write a file atomically (temporary name + rename locally; object stores publish whole).
+
+    Locally the bytes are fsynced before the rename (else a machine crash can leave the
+    new name pointing at an empty file) and a failed write removes its temporary file.
+    """
     if "://" in path:
         with fsspec.open(path, "wb") as f:
             f.write(data)
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))  # the rename itself, durably
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConfig,
@@ -68,7 +90,8 @@ def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConf
         os.makedirs(out_dir, exist_ok=True)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    _write_bytes(join(out_dir, "checkpoint.pt"), buf.getvalue())
+    weights = buf.getvalue()
+    _write_bytes(join(out_dir, "checkpoint.pt"), weights)
     write_json_atomic(join(out_dir, "model_config.json"),
                       model_config(preset, stage.image_size, stage.text_len))
     write_json_atomic(join(out_dir, "stage_config.json"), stage.to_dict())
@@ -81,7 +104,9 @@ def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConf
                         image_size=stage.image_size, text_len=stage.text_len,
                         mask_ratio=stage.mask_ratio, samples_seen=summary["samples_seen"],
                         steps=summary["steps"], seconds=round(summary["seconds"], 3),
-                        final_loss=summary["final_loss"])
+                        final_loss=summary["final_loss"],
+                        # the init-model identity of the stages that finetune it
+                        weights_sha256=hashlib.sha256(weights).hexdigest())
 
 
 def read_model_config(model_dir: str) -> dict:

@@ -55,6 +55,9 @@ class StageConfig:
         checkpoint_every: steps between resumable checkpoints (0 = by time only).
         checkpoint_minutes: minutes between resumable checkpoints (0 = by steps only).
         keep_checkpoints: resumable checkpoints kept (older ones are deleted).
+        zeroshot_every: samples between zero-shot probes of the eval set during training
+            (0 = off; checked at log steps, so a probe runs at the first log step at or
+            after each multiple); results go to TensorBoard and history.jsonl.
     """
 
     stage: str = "pretrain"
@@ -81,6 +84,7 @@ class StageConfig:
     checkpoint_every: int = 0
     checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
+    zeroshot_every: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -122,6 +126,7 @@ class StageConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("checkpoint_minutes", self.checkpoint_minutes >= 0, ">= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("zeroshot_every", self.zeroshot_every >= 0, ">= 0 (0 = off)"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
         ]
         if patch_size is not None:

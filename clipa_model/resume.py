@@ -1,6 +1,7 @@
 """Resumable training state: atomic checkpoints of a running stage, local or gs://.
 
-    CHECKPOINT_DIR/
+    CHECKPOINT_DIR/               CHECKPOINT_ROOT/<stage>-<key> (stage_identity.py) or OUTPUT/checkpoints
+        identity.json             what the key hashes: stage config, preset, data, init model
         resolved_config.json      the stage as run (derived values included)
         step-000000120.pt         model, optimizer, schedule position, data position,
                                   history, RNG of every rank; newest ``keep`` kept
@@ -26,9 +27,11 @@ from clipa_model.checkpoint import _write_bytes
 from clipa_model.config import ConfigError, StageConfig
 
 _NAME = re.compile(r"step-(\d{9})\.pt$")
+_TMP = re.compile(r"step-\d{9}\.pt\.tmp-[0-9a-f]+$")
 # Fields that may change between an interrupted run and its rerun without changing results.
-_FREE_FIELDS = {"log_every", "num_threads", "checkpoint_every", "checkpoint_minutes",
-                "keep_checkpoints", "compile"}
+FREE_FIELDS = {"log_every", "num_threads", "checkpoint_every", "checkpoint_minutes",
+               "keep_checkpoints", "compile", "zeroshot_every"}
+_FREE_FIELDS = FREE_FIELDS
 
 
 def checkpoint_path(ckpt_dir: str, step: int) -> str:
@@ -81,10 +84,19 @@ def load_latest(ckpt_dir: str) -> dict | None:
 
 
 def check_resumable(state: dict, stage: StageConfig, model_cfg: dict, world_size: int,
-                    ckpt_dir: str) -> None:
-    """Raise ``ConfigError`` naming the field when ``state`` cannot continue this run."""
+                    ckpt_dir: str, identity: dict | None = None,
+                    may_change: frozenset = frozenset()) -> None:
+    """Raise ``ConfigError`` naming the field when ``state`` cannot continue this run.
+
+    Args:
+        identity: this run's ``stage_identity`` (its data and init model are compared
+            with those the checkpoint was trained on, when the checkpoint records them).
+        may_change: StageConfig fields allowed to differ (a resume with a lower ``lr``
+            after a divergence).
+    """
+    _check_inputs(state, identity or {}, ckpt_dir)
     saved, now = state["stage"], stage.to_dict()
-    changed = sorted(k for k in now if k not in _FREE_FIELDS and saved.get(k) != now[k]
+    changed = sorted(k for k in now if k not in FREE_FIELDS | may_change and saved.get(k) != now[k]
                      and not (isinstance(now[k], tuple) and list(now[k]) == saved.get(k)))
     if changed:
         k = changed[0]
@@ -98,6 +110,25 @@ def check_resumable(state: dict, stage: StageConfig, model_cfg: dict, world_size
     if state["world_size"] != world_size:
         raise ConfigError(f"world_size={world_size}: the checkpoint in {ckpt_dir} was written "
                           f"by {state['world_size']} processes; resume with the same number")
+
+
+def _check_inputs(state: dict, identity: dict, ckpt_dir: str) -> None:
+    """The data and init model of the checkpoint must be this run's (issue: a rerun on
+    other data into the same output resumed the old run's weights without a word)."""
+    saved = state.get("identity") or {}
+    for key, what in (("data", "training data"), ("init_model", "init model")):
+        if key in saved and key in identity and saved[key] != identity[key]:
+            raise ConfigError(
+                f"{ckpt_dir}: its checkpoint was trained on another {what} "
+                f"({saved.get(key + '_ref') or saved[key]}, sha256 {str(saved[key])[:12]}) than "
+                f"this run's ({identity.get(key + '_ref') or identity[key]}, sha256 "
+                f"{str(identity[key])[:12]}); give another output / checkpoint folder to start "
+                f"fresh, or the {what} it was trained on to continue it")
+
+
+def write_identity(ckpt_dir: str, identity: dict) -> None:
+    """identity.json next to the checkpoints: what the folder's key was computed from."""
+    write_json_atomic(join(ckpt_dir, "identity.json"), identity)
 
 
 def write_resolved_config(ckpt_dir: str, resolved: dict) -> None:
@@ -130,8 +161,24 @@ class Checkpointer:
         return save_state(self.ckpt_dir, state, self.stage.keep_checkpoints)
 
 
-def remove_checkpoints(ckpt_dir: str) -> None:
-    """Delete the step files once the stage's Model artifact is complete."""
+def remove_checkpoints_from(ckpt_dir: str, step: int) -> None:
+    """Delete the checkpoints of ``step`` and later (weights a divergence came from)."""
     fs, _ = fsspec.core.url_to_fs(ckpt_dir)
+    for s, path in list_checkpoints(ckpt_dir):
+        if s >= step:
+            fs.rm(fsspec.core.url_to_fs(path)[1])
+
+
+def remove_checkpoints(ckpt_dir: str) -> None:
+    """Delete the step files once the stage's Model artifact is complete, and the
+    ``step-N.pt.tmp-*`` halves of saves that a kill interrupted."""
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
     for _, path in list_checkpoints(ckpt_dir):
         fs.rm(fsspec.core.url_to_fs(path)[1])
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if _TMP.search(str(name)):
+            fs.rm(name)

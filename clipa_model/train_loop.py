@@ -32,6 +32,14 @@ log = logging.getLogger("clipa.train")
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps exp(logit_scale) to 100
 
 
+class DivergenceError(RuntimeError):
+    """The loss became non-finite; ``step`` is the first (1-based) step whose loss was."""
+
+    def __init__(self, stage: str, step: int, loss: float):
+        super().__init__(f"{stage}: the loss diverged: loss={loss} at step {step}")
+        self.stage, self.step, self.loss = stage, step, loss
+
+
 def lr_at(step: int, steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warmup from ~0 to ``peak_lr`` over ``warmup_steps``, then cosine to 0.
 
@@ -196,6 +204,8 @@ class _Meter:
             dist.all_reduce(losses)
             losses /= self.dist_env.world_size
         for (row, _, _), loss, scale in zip(self.pending, losses.tolist(), scales.tolist()):
+            if not math.isfinite(loss):  # divergence guard: before any checkpoint of it
+                raise DivergenceError(self.stage.stage, row["step"], loss)
             self.history.append({**row, "loss": loss, "temperature": 1.0 / scale})
         self.pending = []
         if log_row:

@@ -21,7 +21,7 @@ import time
 
 from clipa_model import recipes
 from components.cli_args import key_value, typed_params
-from pipelines.placement import add_placement_args, placement_from_args
+from pipelines.placement import add_placement_args, add_training_job_args, placement_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show kfp.local's full output live (it always goes to WORKDIR/clipa-run.log)")
+    run.add_argument("--report-to", default=None, metavar="tensorboard,wandb",
+                     help="live metrics of the training stages: tensorboard, wandb, both "
+                          "comma-separated, or none (default: tensorboard; the report_to parameter)")
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
                           description="Compile the training or the eval pipeline. Without --placement "
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default=None,
                       help="where to write it (default: pipeline.yaml, or eval_pipeline.yaml for --pipeline eval)")
     add_placement_args(comp, default=None)
+    add_training_job_args(comp)
 
     from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
@@ -75,6 +79,11 @@ def cmd_run(args) -> int:
 
     workdir = os.path.abspath(args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     overrides = typed_params(args.param, clipa_training.component_spec.inputs)
+    if args.report_to is not None:
+        overrides["report_to"] = args.report_to
+    if "report_to" in overrides:  # a typo fails now, not after download and filter
+        from clipa_model.live_log import parse_report_to
+        parse_report_to(overrides["report_to"])
     log_path = os.path.join(workdir, LOG_NAME)
     with _run_log(log_path, args.verbose) as view:
         print(f"clipa run: recipe {args.recipe}, workdir {workdir}; full log: {log_path}", flush=True)

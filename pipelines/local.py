@@ -66,8 +66,11 @@ def run_pipeline_locally(pipeline_root: str, arguments: dict, view: TextIO | Non
 
     # use_venv=False: every task runs in this interpreter's environment, which already has
     # the package installed, exactly like the component images on Vertex.
+    # enable_caching: a rerun of the same workdir (same pipeline_root, so the same cache
+    # and checkpoint root) reuses the steps that finished, as a resubmitted Vertex job
+    # does, and the training steps resume from PIPELINE_ROOT/checkpoints.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root,
-               raise_on_error=True)
+               raise_on_error=True, enable_caching=True)
     if hasattr(view, "display_names"):
         tasks = clipa_training.pipeline_spec.root.dag.tasks
         view.display_names.update({key: t.task_info.name for key, t in tasks.items()})

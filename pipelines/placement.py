@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -47,6 +48,20 @@ class Machine:
         cpu_limit, memory_limit: kfp task settings, e.g. "8", "32G".
         boot_disk_size_gb: custom jobs' boot disk.
         env: extra environment variables of a custom job, as (name, value) pairs.
+        timeout: custom job's run-time limit, e.g. "30d", "12h" ("" = GCPC's 7 days).
+        restart_on_worker_restart: restart every worker of the custom job when one is
+            restarted (preemption / host maintenance), so they rendezvous again.
+        scheduling_strategy: "STANDARD", "SPOT" (preemptible, cheaper) or "FLEX_START"
+            (Dynamic Workload Scheduler: waits for capacity).
+        max_wait: FLEX_START only: how long to wait for capacity, e.g. "2d" ("" = GCPC's 1 day).
+        reservation: "projects/P/zones/Z/reservations/NAME" (that reservation) or "any".
+        persistent_resource: id of a Vertex persistent resource to run on.
+        retries: KFP retry policy of the step: a failed or preempted step is run again
+            (it resumes from its checkpoints) up to this many times.
+        tensorboard: Vertex TensorBoard instance, projects/P/locations/R/tensorboards/T;
+            the job then writes its events to $AIP_TENSORBOARD_LOG_DIR too.
+        base_output_directory: gs:// folder of the custom job's outputs (Vertex derives
+            AIP_TENSORBOARD_LOG_DIR, AIP_CHECKPOINT_DIR from it); needed with ``tensorboard``.
     """
     machine_type: str = ""
     accelerator_type: str = ""
@@ -57,6 +72,72 @@ class Machine:
     memory_limit: str = ""
     boot_disk_size_gb: int = 100
     env: tuple = ()
+    timeout: str = ""
+    restart_on_worker_restart: bool = False
+    scheduling_strategy: str = "STANDARD"
+    max_wait: str = ""
+    reservation: str = ""
+    persistent_resource: str = ""
+    retries: int = 0
+    tensorboard: str = ""
+    base_output_directory: str = ""
+
+    def __post_init__(self) -> None:
+        check_custom_job_options(self)
+
+
+STRATEGIES = ("STANDARD", "SPOT", "FLEX_START")
+_TENSORBOARD = re.compile(r"^projects/[^/]+/locations/[^/]+/tensorboards/[^/]+$")
+_RESERVATION = re.compile(r"^projects/[^/]+/zones/[^/]+/reservations/[^/]+$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def duration_seconds(text: str, what: str = "duration") -> str:
+    """ "30d", "1d12h", "90m", "3600s" or "3600" -> "2592000s" (the API's Duration form).
+
+    Raises:
+        ValueError: naming ``what`` and the expected form.
+    """
+    value = text.strip().lower()
+    if value.isdigit():
+        return f"{int(value)}s"
+    parts = _DURATION.findall(value)
+    if not value or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"{what} {text!r}: expected a duration like 30d, 12h, 90m, 1d12h or "
+                         "3600s")
+    return f"{round(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))}s"
+
+
+def check_custom_job_options(machine: "Machine") -> None:
+    """Raise ``ValueError`` naming the field when a Machine's custom-job options are malformed."""
+    if machine.scheduling_strategy not in STRATEGIES:
+        raise ValueError(f"scheduling_strategy {machine.scheduling_strategy!r}: expected one of "
+                         f"{STRATEGIES}")
+    for name in ("timeout", "max_wait"):
+        if getattr(machine, name):
+            duration_seconds(getattr(machine, name), name)
+    if machine.max_wait and machine.scheduling_strategy != "FLEX_START":
+        raise ValueError(f"max_wait {machine.max_wait!r}: only for scheduling_strategy "
+                         "FLEX_START (how long to wait for capacity)")
+    if machine.reservation and machine.reservation != "any" and not _RESERVATION.match(
+            machine.reservation):
+        raise ValueError(f"reservation {machine.reservation!r}: expected "
+                         "projects/P/zones/Z/reservations/NAME or 'any'")
+    if machine.tensorboard and not _TENSORBOARD.match(machine.tensorboard):
+        raise ValueError(f"tensorboard {machine.tensorboard!r}: expected "
+                         "projects/P/locations/R/tensorboards/T")
+    if machine.tensorboard and not machine.base_output_directory.startswith("gs://"):
+        raise ValueError(f"tensorboard {machine.tensorboard!r}: needs a gs:// "
+                         "base_output_directory (--base-output-dir) for the job's events")
+    if machine.retries < 0:
+        raise ValueError(f"retries {machine.retries}: expected >= 0")
+
+
+# Machine fields that only a custom job (a Machine with machine_type) has.
+CUSTOM_JOB_OPTIONS = ("timeout", "restart_on_worker_restart", "scheduling_strategy",
+                      "max_wait", "reservation", "persistent_resource", "tensorboard",
+                      "base_output_directory")
 
 
 @dataclass(frozen=True)
@@ -225,12 +306,37 @@ def as_custom_job(component, machine: Machine, service_account: str = "", networ
         component, machine_type=machine.machine_type, accelerator_type=machine.accelerator_type,
         accelerator_count=machine.accelerator_count or 1, replica_count=machine.replica_count,
         boot_disk_size_gb=machine.boot_disk_size_gb, service_account=service_account,
-        network=network, env=[{"name": k, "value": v} for k, v in machine.env] or None)
+        network=network, env=[{"name": k, "value": v} for k, v in machine.env] or None,
+        **_custom_job_options(machine))
     if machine.tpu_topology:  # GCPC has no argument for it; it is one field of the spec
         specs = job.component_spec.inputs["worker_pool_specs"].default
         for spec in specs:
             spec["machine_spec"]["tpu_topology"] = machine.tpu_topology
     return job
+
+
+def _custom_job_options(machine: Machine) -> dict:
+    """GCPC arguments for ``machine``'s preemption / scheduling / TensorBoard options
+    (only those set: the others keep GCPC's defaults)."""
+    opts: dict = {"restart_job_on_worker_restart": machine.restart_on_worker_restart,
+                  "strategy": machine.scheduling_strategy}
+    if machine.timeout:
+        opts["timeout"] = duration_seconds(machine.timeout, "timeout")
+    if machine.max_wait:
+        opts["max_wait_duration"] = duration_seconds(machine.max_wait, "max_wait")
+    if machine.reservation == "any":
+        opts["reservation_affinity_type"] = "ANY_RESERVATION"
+    elif machine.reservation:
+        opts.update(reservation_affinity_type="SPECIFIC_RESERVATION",
+                    reservation_affinity_key="compute.googleapis.com/reservation-name",
+                    reservation_affinity_values=[machine.reservation])
+    if machine.persistent_resource:
+        opts["persistent_resource_id"] = machine.persistent_resource
+    if machine.tensorboard:
+        opts["tensorboard"] = machine.tensorboard
+    if machine.base_output_directory:
+        opts["base_output_directory"] = machine.base_output_directory
+    return opts
 
 
 def _task_settings(task, machine: Machine) -> None:
@@ -269,6 +375,10 @@ class PlacedStep:
         task = comp(*args, **kwargs)
         if machine is not None and not machine.machine_type:
             _task_settings(task, machine)
+        if machine is not None and machine.retries:
+            # Exponential backoff: 1 min, 2, 4, ... at most 1 h between tries.
+            task.set_retry(num_retries=machine.retries, backoff_duration="60s",
+                           backoff_factor=2.0, backoff_max_duration="3600s")
         return task
 
     def __getattr__(self, name):
@@ -298,10 +408,85 @@ def add_placement_args(parser, default: str | None = "a3-highgpu-8g") -> None:
                         help="container image of the training and evaluation steps; default: the placement's")
 
 
+def add_training_job_args(parser) -> None:
+    """Custom-job options of the training steps (clipa compile, clipa submit): Machine fields."""
+    g = parser.add_argument_group("training custom jobs (long runs: preemption, resubmission)")
+    g.add_argument("--timeout", default="",
+                   help="run-time limit of each training custom job, e.g. 30d (default: 7d)")
+    g.add_argument("--restart-on-worker-restart", action="store_true",
+                   help="restart all workers of a training job when one restarts")
+    g.add_argument("--scheduling-strategy", default="", type=str.upper,
+                   choices=("", *STRATEGIES), metavar="|".join(STRATEGIES),
+                   help="STANDARD, SPOT (preemptible) or FLEX_START (default: STANDARD)")
+    g.add_argument("--max-wait", default="",
+                   help="FLEX_START: how long to wait for capacity, e.g. 2d (default: 1d)")
+    g.add_argument("--reservation", default="",
+                   help="projects/P/zones/Z/reservations/NAME, or 'any'")
+    g.add_argument("--persistent-resource", default="",
+                   help="id of a Vertex AI persistent resource to run the training jobs on")
+    g.add_argument("--train-retries", type=int, default=0, metavar="N",
+                   help="retry a failed or preempted training step N times (it resumes from "
+                        "its checkpoints)")
+    g.add_argument("--tensorboard", default="",
+                   help="Vertex TensorBoard, projects/P/locations/R/tensorboards/T: live "
+                        "training curves in Vertex AI")
+    g.add_argument("--base-output-dir", default="",
+                   help="gs:// folder of the training jobs' outputs (TensorBoard logs); "
+                        "default with submit: PIPELINE_ROOT/custom-jobs")
+
+
+def _training_job_changes(args) -> dict:
+    """Machine changes that the ``add_training_job_args`` flags ask for."""
+    base = getattr(args, "base_output_dir", "")
+    if getattr(args, "tensorboard", "") and not base and getattr(args, "pipeline_root", ""):
+        base = f"{args.pipeline_root.rstrip('/')}/custom-jobs"
+    given = {"timeout": getattr(args, "timeout", ""),
+             "restart_on_worker_restart": getattr(args, "restart_on_worker_restart", False),
+             "scheduling_strategy": getattr(args, "scheduling_strategy", ""),
+             "max_wait": getattr(args, "max_wait", ""),
+             "reservation": getattr(args, "reservation", ""),
+             "persistent_resource": getattr(args, "persistent_resource", ""),
+             "retries": getattr(args, "train_retries", 0),
+             "tensorboard": getattr(args, "tensorboard", ""), "base_output_directory": base}
+    return {k: v for k, v in given.items() if v}
+
+
+def _flag(field_name: str) -> str:
+    """The command-line flag of a Machine field (``add_training_job_args``)."""
+    names = {"retries": "train-retries", "base_output_directory": "base-output-dir"}
+    return "--" + names.get(field_name, field_name.replace("_", "-"))
+
+
+def with_training_jobs(placement: "Placement | None", changes: dict) -> "Placement | None":
+    """``placement`` with ``changes`` on its training machines, checked.
+
+    Raises:
+        ValueError: custom-job options for training steps that are no custom jobs
+            (no placement, or machines without a machine_type).
+    """
+    if not changes:
+        return placement
+    flag = _flag(next(iter(changes)))
+    if placement is None or placement == PLACEMENTS["local"]:
+        raise ValueError(f"{flag}: applies to placed training steps; give a --placement "
+                         "(e.g. a3-highgpu-8g)")
+    job_only = [k for k in changes if k in CUSTOM_JOB_OPTIONS]
+    bare = [s for s in TRAIN_STEPS if not placement.machines.get(s, Machine()).machine_type]
+    if job_only and bare:
+        raise ValueError(f"{_flag(job_only[0])}: a custom-job option, but the "
+                         f"placement {placement.name!r} runs {bare[0]} without a machine_type "
+                         "(not as a custom job)")
+    return placement.with_training(**changes)
+
+
 def placement_from_args(args):
-    """The Placement that --placement/--data-image/--train-image name, or None (no placement)."""
+    """The Placement that --placement/--data-image/--train-image name (with the training
+    custom-job flags applied), or None (no placement)."""
+    changes = _training_job_changes(args)
     if args.placement is None and not (args.data_image or args.train_image):
-        return None
+        return with_training_jobs(None, changes)
     # Vertex commands: custom jobs run as the job's service account, in its network.
-    return resolve_placement(args.placement or "local", args.data_image, args.train_image,
-                             getattr(args, "service_account", ""), getattr(args, "network", ""))
+    placement = resolve_placement(args.placement or "local", args.data_image, args.train_image,
+                                  getattr(args, "service_account", ""),
+                                  getattr(args, "network", ""))
+    return with_training_jobs(placement, changes)

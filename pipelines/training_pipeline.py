@@ -102,6 +102,11 @@ def clipa_training(
     export_name: str = "",
     export_repo_id: str = "",
     registry_serving_image: str = "",
+    checkpoint_root: str = "",
+    checkpoint_every: int = _PRE.checkpoint_every,
+    checkpoint_minutes: float = _PRE.checkpoint_minutes,
+    zeroshot_every: int = 0,
+    report_to: str = "tensorboard",
 ) -> Artifact:
     """Train a CLIPA model from ``url_list`` and evaluate it zero-shot on ``eval_set``.
 
@@ -115,6 +120,16 @@ def clipa_training(
         export_repo_id: the Hugging Face Hub repo ("ORG/NAME") the export folder is for.
         registry_serving_image: a serving container image; when given, the export is
             uploaded to Vertex AI Model Registry with it (Vertex AI only).
+        checkpoint_root: local or gs:// folder under which each training stage keeps its
+            resumable checkpoints, keyed by the stage's inputs (not the job): a rerun or a
+            resubmitted job with the same inputs resumes every unfinished stage. Default
+            "": PIPELINE_ROOT/checkpoints.
+        checkpoint_every, checkpoint_minutes: a checkpoint every N steps and / or M
+            minutes of each training stage (0 = not by that measure).
+        zeroshot_every: samples between zero-shot probes of eval_set while a stage
+            trains (TensorBoard, history.jsonl); 0 = off.
+        report_to: live metrics of the training stages: "tensorboard", "wandb", both
+            comma-separated, or "none".
     Returns:
         The run summary (JSON); its HTML twin is the ``summarize`` task's report.
     """
@@ -130,21 +145,28 @@ def clipa_training(
     evalset = dsl.importer(artifact_uri=eval_set, artifact_class=Dataset, reimport=False)
     evalset.set_display_name("eval-set")
     data = flt.outputs["filtered"]
+    # Checkpoints that outlive the job, live metrics and zero-shot probes of every stage.
+    live = dict(checkpoint_root=checkpoint_root, checkpoint_every=checkpoint_every,
+                checkpoint_minutes=checkpoint_minutes, eval_set=evalset.output,
+                zeroshot_every=zeroshot_every, report_to=report_to)
 
     pre = pretrain(data=data, preset=preset, image_size=pretrain_image_size,
                    text_len=pretrain_text_len, samples=pretrain_samples,
                    batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed,
-                   loader_workers=train_loader_workers, torch_threads=train_torch_threads)
+                   loader_workers=train_loader_workers, torch_threads=train_torch_threads,
+                   **live)
     pre.set_display_name("pretrain-84")
     f224 = finetune(data=data, init_model=pre.outputs["model"], image_size=ft224_image_size,
                     text_len=ft224_text_len, mask_ratio=ft224_mask_ratio, samples=ft224_samples,
                     batch_size=ft224_batch_size, lr=ft224_lr, seed=seed,
-                    loader_workers=train_loader_workers, torch_threads=train_torch_threads)
+                    loader_workers=train_loader_workers, torch_threads=train_torch_threads,
+                    **live)
     f224.set_display_name("finetune-224")
     f336 = finetune(data=data, init_model=f224.outputs["model"], image_size=ft336_image_size,
                     text_len=ft336_text_len, mask_ratio=ft336_mask_ratio, samples=ft336_samples,
                     batch_size=ft336_batch_size, lr=ft336_lr, seed=seed,
-                    loader_workers=train_loader_workers, torch_threads=train_torch_threads)
+                    loader_workers=train_loader_workers, torch_threads=train_torch_threads,
+                    **live)
     f336.set_display_name("finetune-336")
 
     evals = []

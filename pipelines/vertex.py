@@ -147,7 +147,7 @@ def check_parameters(pipeline, values: dict) -> None:
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``submit`` subcommand to an argparse ``subparsers`` object."""
-    from pipelines.placement import add_placement_args
+    from pipelines.placement import add_placement_args, add_training_job_args
 
     sub = subparsers.add_parser(
         "submit", help="compile and submit the training pipeline to Vertex AI Pipelines",
@@ -155,6 +155,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                     "submit it as a Vertex AI PipelineJob; prints the job's console link.")
     add_vertex_args(sub)
     add_placement_args(sub)
+    add_training_job_args(sub)
     sub.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="a pipeline parameter, e.g. --param url_list=gs://b/urls.parquet (repeatable; "
                           "url_list and eval_set are required)")

@@ -108,18 +108,24 @@ def _defaults(component) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
+# Not stage settings: where checkpoints live, live logging, the restart after a divergence.
+LONGRUN_DEFAULTS = dict(checkpoint_root="", checkpoint_every=0, checkpoint_minutes=10.0,
+                        eval_set=None, zeroshot_every=0,
+                        report_to="tensorboard", resume_from="")
+
+
 def test_component_defaults_are_the_demo_recipe():
     pre, ft = DEMO["pretrain"], DEMO["finetune_224"]
     assert _defaults(pretrain) == dict(preset=DEMO.preset, image_size=pre.image_size,
                                        text_len=pre.text_len, samples=pre.samples,
                                        batch_size=pre.batch_size, lr=pre.lr, seed=0,
                                        loader_workers=pre.num_workers,
-                                       torch_threads=pre.num_threads)
+                                       torch_threads=pre.num_threads, **LONGRUN_DEFAULTS)
     assert _defaults(finetune) == dict(image_size=ft.image_size, text_len=ft.text_len,
                                        mask_ratio=ft.mask_ratio, samples=ft.samples,
                                        batch_size=ft.batch_size, lr=ft.lr, seed=0,
                                        loader_workers=ft.num_workers,
-                                       torch_threads=ft.num_threads)
+                                       torch_threads=ft.num_threads, **LONGRUN_DEFAULTS)
 
 
 def test_smoke_recipe_is_a_smaller_demo():

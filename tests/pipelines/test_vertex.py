@@ -299,3 +299,71 @@ def test_submit_with_dataflow_runs_filter_shard_on_dataflow(vertex):
     assert params["dataflow_project"] == PROJECT and params["dataflow_region"] == REGION
     assert params["dataflow_temp_location"] == "gs://bkt/root/dataflow-tmp"
     assert params["dataflow_max_workers"] == 32 and params["dataflow_container_image"] == "reg/data:5"
+
+
+TENSORBOARD = f"projects/{PROJECT}/locations/{REGION}/tensorboards/77"
+RESERVATION = f"projects/{PROJECT}/zones/us-central1-a/reservations/h100s"
+
+
+def test_dry_run_carries_the_long_run_options_of_the_training_jobs(vertex, capsys):
+    state, _ = vertex
+    assert main(_submit_args("--timeout", "30d", "--scheduling-strategy", "spot",
+                             "--restart-on-worker-restart", "--train-retries", "3",
+                             "--tensorboard", TENSORBOARD, "--reservation", RESERVATION,
+                             "--persistent-resource", "pool-1", "--dry-run")) == 0
+    assert state.requests == []
+    spec = json.loads(capsys.readouterr().out)["pipelineJob"]["pipelineSpec"]
+    tasks = spec["root"]["dag"]["tasks"]
+    for step in ("pretrain", "finetune", "finetune-2"):
+        assert tasks[step]["retryPolicy"] == {"maxRetryCount": 3, "backoffDuration": "60s",
+                                              "backoffFactor": 2.0,
+                                              "backoffMaxDuration": "3600s"}, step
+        params = spec["components"][tasks[step]["componentRef"]["name"]]["inputDefinitions"]["parameters"]
+        job = {k: params[k]["defaultValue"] for k in (
+            "timeout", "strategy", "restart_job_on_worker_restart", "tensorboard",
+            "base_output_directory", "persistent_resource_id")}
+        assert job == {"timeout": "2592000s", "strategy": "SPOT",
+                       "restart_job_on_worker_restart": True, "tensorboard": TENSORBOARD,
+                       "base_output_directory": "gs://bkt/root/custom-jobs",
+                       "persistent_resource_id": "pool-1"}, step
+        (pool,) = params["worker_pool_specs"]["defaultValue"]
+        assert pool["machine_spec"]["reservation_affinity"] == {
+            "reservation_affinity_type": "SPECIFIC_RESERVATION",
+            "key": "compute.googleapis.com/reservation-name", "values": [RESERVATION]}
+    assert "retryPolicy" not in tasks["evaluate"]  # only the training steps
+    evaluate = spec["components"]["comp-evaluate"]["inputDefinitions"]["parameters"]
+    assert evaluate["timeout"]["defaultValue"] == "604800s"  # GCPC's default, untouched
+    assert evaluate["strategy"]["defaultValue"] == "STANDARD"
+
+
+def test_flex_start_waits_as_long_as_asked(vertex, capsys):
+    assert main(_submit_args("--scheduling-strategy", "FLEX_START", "--max-wait", "2d12h",
+                             "--dry-run")) == 0
+    spec = json.loads(capsys.readouterr().out)["pipelineJob"]["pipelineSpec"]
+    params = spec["components"]["comp-pretrain"]["inputDefinitions"]["parameters"]
+    assert params["strategy"]["defaultValue"] == "FLEX_START"
+    assert params["max_wait_duration"]["defaultValue"] == "216000s"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "30x"], "timeout '30x': expected a duration like 30d"),
+    (["--max-wait", "2d"], "max_wait '2d': only for scheduling_strategy FLEX_START"),
+    (["--tensorboard", "tb-7"], "tensorboard 'tb-7': expected projects/P/locations/R/tensorboards/T"),
+    (["--reservation", "h100s"], "reservation 'h100s': expected projects/P/zones/Z/reservations/NAME"),
+    (["--placement", "vertex-cpu", "--timeout", "30d"], "--timeout: a custom-job option, but the "
+                                                        "placement 'vertex-cpu' runs pretrain"),
+])
+def test_bad_long_run_options_fail_before_anything_is_sent(vertex, capsys, args, message):
+    state, _ = vertex
+    assert main(_submit_args(*args)) == 2
+    assert message in capsys.readouterr().err
+    assert state.requests == []
+
+
+def test_compile_names_the_missing_placement_or_output_folder(capsys, tmp_path):
+    out = str(tmp_path / "p.yaml")
+    assert main(["compile", "--output", out, "--train-retries", "2"]) == 2
+    assert "--train-retries: applies to placed training steps; give a --placement" in capsys.readouterr().err
+    assert main(["compile", "--output", out, "--placement", "a3-highgpu-8g",
+                 "--tensorboard", TENSORBOARD]) == 2
+    assert "needs a gs:// base_output_directory (--base-output-dir)" in capsys.readouterr().err
