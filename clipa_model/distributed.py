@@ -96,6 +96,14 @@ def resolve_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def xla_dist_env() -> DistEnv:
+    """This process's ``DistEnv`` under torch_xla's launch (PJRT ordinals; no rendezvous address)."""
+    import torch_xla.runtime as xr
+
+    return DistEnv(rank=xr.global_ordinal(), world_size=xr.world_size(),
+                   local_rank=xr.local_ordinal())
+
+
 def torchrun_args(nproc_per_node: int, env: Mapping[str, str] | None = None) -> list[str]:
     """torchrun flags for this Vertex AI node (one process per accelerator)."""
     env = os.environ if env is None else env

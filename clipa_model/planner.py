@@ -111,16 +111,23 @@ def plan_recipe(recipe, accelerator: str = "a100", utilization: float = 0.4,
 
 
 def resolved_config(stage: StageConfig, preset: str, world_size: int = 1, device: str = "cpu",
-                    data_count: int | None = None) -> dict:
-    """What a run actually runs with, derived values included (saved next to checkpoints)."""
+                    data_count: int | None = None, nodes: int = 1,
+                    procs_per_node: int | None = None) -> dict:
+    """What a run actually runs with, derived values included (saved next to checkpoints).
+
+    "stage" is the whole StageConfig; world_size = nodes x procs_per_node processes.
+    """
     flops = flops_per_sample(preset, stage.image_size, stage.text_len, stage.mask_ratio)
     grid = (stage.image_size // get_preset(preset).patch_size) ** 2
     from clipa_model.token_reduction import num_kept
 
     return {
         "preset": preset, "architecture": dataclasses.asdict(get_preset(preset)),
-        "stage": stage.to_dict(), "world_size": world_size, "device": device,
-        "per_rank_batch": stage.batch_size // world_size, "steps": stage.steps,
+        "stage": stage.to_dict(), "world_size": world_size, "nodes": nodes,
+        "procs_per_node": world_size // nodes if procs_per_node is None else procs_per_node,
+        "device": device, "per_rank_batch": stage.batch_size // world_size,
+        "micro_batch": stage.batch_size // world_size // stage.accum_steps,
+        "accum_steps": stage.accum_steps, "steps": stage.steps,
         "warmup_steps": stage.warmup_steps, "peak_lr": stage.lr,
         "image_tokens": 1 + (num_kept(grid, stage.mask_ratio) if stage.mask_ratio else grid),
         "text_tokens": stage.text_len, "train_flops_per_sample": flops,

@@ -22,7 +22,9 @@ from clipa_model.checkpoint import load_model, model_config, read_model_config, 
 from clipa_model.config import ConfigError, StageConfig
 from clipa_model.data import list_train_shards, train_batches
 from clipa_model.distributed import (DistEnv, all_gather_object, barrier, init_process_group,
-                                     resolve_dist_env)
+                                     resolve_dist_env, xla_dist_env)
+from clipa_model.eval.models import OPEN_CLIP_PREFIX
+from clipa_model.launch import NodeLayout
 from clipa_model.model import build_model, flops_per_sample, get_tokenizer
 from clipa_model.planner import resolved_config
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, get_preset
@@ -32,7 +34,11 @@ log = logging.getLogger("clipa.train")
 
 
 def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | None):
-    """A fresh model (seeded) or the init checkpoint rebuilt at this stage's sizes.
+    """A fresh model (seeded), or the init model rebuilt at this stage's sizes.
+
+    Args:
+        init_model_dir: a Model artifact folder, or ``open_clip:NAME:FILE`` (an open_clip
+            architecture of one of our presets and its weights file, local or gs://).
 
     Returns:
         (model, preset name).
@@ -40,7 +46,9 @@ def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | Non
     Raises:
         ConfigError: a stage the preset cannot run, or an init model of another preset.
     """
-    if init_model_dir is None:
+    if init_model_dir and init_model_dir.startswith(OPEN_CLIP_PREFIX):
+        return _init_from_open_clip(stage, preset, init_model_dir)
+    if not init_model_dir:
         preset = preset or "tiny"
         stage.validate(get_preset(preset).patch_size)
         torch.manual_seed(stage.seed)
@@ -54,6 +62,42 @@ def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | Non
     model, _ = load_model(init_model_dir, stage.image_size, stage.text_len, stage.mask_ratio,
                           stage.image_mask)
     return model, init_preset
+
+
+def _init_from_open_clip(stage: StageConfig, preset: str | None, ref: str):
+    """Our model at the stage's sizes with an open_clip checkpoint's weights (e.g. CLIPA-v2's)."""
+    from clipa_model.eval.models import ModelRefError, open_clip_state_dict
+    from clipa_model.model import load_weights
+    from clipa_model.presets import PRESETS
+
+    try:
+        config, state_dict = open_clip_state_dict(ref)
+    except ModelRefError as e:
+        raise ConfigError(str(e)) from None
+    # By architecture, not name: ViT-H-14-CLIPA-336 is our H/14 as much as ViT-H-14-CLIPA.
+    matches = [p for p in PRESETS if _open_clip_dims(config) == _preset_dims(p)]
+    if not matches:
+        raise ConfigError(f"{ref}: its architecture ({_open_clip_dims(config)}) is none of our "
+                          f"presets {sorted(PRESETS)}; expected a CLIPA-v2 ViT of one of them")
+    if preset is not None and preset != matches[0]:
+        raise ConfigError(f"preset={preset!r} differs from {ref}'s {matches[0]!r}; leave it unset")
+    stage.validate(get_preset(matches[0]).patch_size)
+    model = build_model(matches[0], stage.image_size, stage.text_len, stage.mask_ratio,
+                        stage.image_mask)
+    load_weights(model, state_dict, source=ref)
+    return model, matches[0]
+
+
+def _open_clip_dims(config: dict) -> tuple:
+    v, t = config["vision_cfg"], config["text_cfg"]
+    return (config["embed_dim"], v["patch_size"], v["width"], v["layers"], t["width"],
+            t["layers"], t["vocab_size"], t.get("pool_type", "argmax"))
+
+
+def _preset_dims(name: str) -> tuple:
+    p = get_preset(name)
+    return (p.embed_dim, p.patch_size, p.vision_width, p.vision_layers, p.text_width,
+            p.text_layers, p.vocab_size, p.text_pool)
 
 
 def _to_cpu(obj):
@@ -108,15 +152,18 @@ class _StageCheckpoints:
         barrier(self.dist_env)
 
 
-def _check_batch(stage: StageConfig, dist_env: DistEnv) -> None:
-    if stage.batch_size % dist_env.world_size:
+def check_batch(stage: StageConfig, world_size: int) -> None:
+    """Raise ConfigError unless the global batch splits into world_size x accum_steps equal parts."""
+    parts = world_size * stage.accum_steps
+    if stage.batch_size % parts:
         raise ConfigError(f"StageConfig.batch_size={stage.batch_size} for stage {stage.stage!r}: "
-                          f"expected a multiple of the world size {dist_env.world_size}")
+                          f"expected a multiple of world size {world_size} x accum_steps "
+                          f"{stage.accum_steps} = {parts}")
 
 
 def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str | None = None,
                 init_model_dir: str | None = None, checkpoint_dir: str | None = None,
-                dist_env: DistEnv | None = None) -> dict:
+                dist_env: DistEnv | None = None, layout: NodeLayout | None = None) -> dict:
     """Train one stage on a ``filtered_shards`` artifact and write a ``model`` artifact.
 
     Args:
@@ -126,13 +173,14 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
         init_model_dir: Model artifact to start from (finetuning).
         checkpoint_dir: resumable checkpoints (local or gs://; default OUTPUT/checkpoints).
         dist_env: rank layout (default: from torchrun / Vertex AI environment variables).
+        layout: the launch (nodes, processes per node), recorded in resolved_config.json.
 
     Returns:
         The model marker plus "samples_per_s", "data_count" and "resumed_from".
     """
     _, data_count = list_train_shards(data_dir)  # fails early on a bad / empty artifact
     dist_env = dist_env or resolve_dist_env()
-    _check_batch(stage, dist_env)
+    check_batch(stage, dist_env.world_size)
     device = devices.select_device(stage.device, dist_env.local_rank)
     init_process_group(dist_env, device.type)
     set_threads(stage)
@@ -141,7 +189,9 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
     optimizer = make_optimizer(model, stage, device)
     model_cfg = model_config(preset, stage.image_size, stage.text_len)
     ckpt_dir = checkpoint_dir or join(output_dir, "checkpoints")
-    resolved = resolved_config(stage, preset, dist_env.world_size, str(device), data_count)
+    layout = layout or NodeLayout(device.type, dist_env.world_size)
+    resolved = resolved_config(stage, preset, dist_env.world_size, str(device), data_count,
+                               nodes=layout.nodes, procs_per_node=layout.procs_per_node)
     ckpts = _StageCheckpoints(ckpt_dir, stage, model, model_cfg, device, dist_env)
     torch.manual_seed(stage.seed + dist_env.rank)  # patch masks (restored on resume)
     start_step, history = ckpts.restore(optimizer)
@@ -173,3 +223,18 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
     return {**marker, "samples_per_s": summary["samples_per_s"], "data_count": data_count,
             "resumed_from": start_step}
 
+
+
+def stage_worker(data_dir: str, output_dir: str, stage: StageConfig, preset: str | None,
+                 init_model_dir: str | None, checkpoint_dir: str | None,
+                 layout: NodeLayout) -> dict:
+    """One process of a launched stage (``launch.launch`` runs it on every rank).
+
+    Takes its rank from torchrun's variables (CUDA / CPU) or from the PJRT runtime (xla);
+    rank 0 logs at INFO, the others only warnings.
+    """
+    dist_env = xla_dist_env() if layout.device == "xla" else resolve_dist_env()
+    logging.basicConfig(level=logging.INFO if dist_env.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    return train_stage(data_dir, output_dir, stage, preset, init_model_dir, checkpoint_dir,
+                       dist_env=dist_env, layout=layout)
