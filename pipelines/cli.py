@@ -31,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local, Beam local runner, CPU)",
                          description="Run download -> filter_shard -> pretrain -> finetune 224 -> "
                                      "finetune 336 -> evaluate on this machine and print a summary.")
-    run.add_argument("--recipe", default="demo", choices=sorted(recipes.RECIPES),
-                     help="stage settings and demo data size (default: demo)")
+    run.add_argument("--recipe", default="demo",
+                     help="stage settings and demo data size: a built-in name "
+                          f"({', '.join(sorted(recipes.RECIPES))}) or a .yaml/.json recipe file "
+                          "(default: demo)")
+    run.add_argument("--force-long-run", action="store_true",
+                     help="run even if `clipa plan` prices the recipe above a day of this machine")
     run.add_argument("--url-list", default=None,
                      help="URL list (parquet, csv or jsonl with url and caption columns); "
                           "default: the embedded synthetic dataset served on 127.0.0.1")
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", default=None,
                      help="folder for this run's data and artifacts (default: runs/<timestamp>)")
     run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
-                     help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
+                     help="override one pipeline parameter, e.g. --param train_procs_per_node=2 or "
+                          "--param stage_overrides='{\"pretrain\": {\"samples\": 2000}}' (repeatable)")
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
                           description="Compile the training or the eval pipeline. Without --placement "
@@ -52,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default=None,
                       help="where to write it (default: pipeline.yaml, or eval_pipeline.yaml for --pipeline eval)")
     add_placement_args(comp, default=None)
+    from pipelines.training_args import add_recipe_arg
+
+    add_recipe_arg(comp, default=None)
 
     from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
@@ -73,7 +81,8 @@ def cmd_run(args) -> int:
     from pipelines.training_pipeline import clipa_training
 
     overrides = typed_params(args.param, clipa_training.component_spec.inputs)
-    result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides)
+    result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides,
+                       args.force_long_run)
     print()
     print(format_summary(result.summary))
     print(f"total {result.seconds:.0f}s; report: {result.report_path}")
@@ -83,7 +92,16 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from pipelines.compile import compile_pipeline
 
-    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args))
+    defaults = {}
+    if args.recipe:  # the compiled pipeline's defaults run that recipe
+        from pipelines.training_args import check_training_parameters, recipe_value
+        from pipelines.training_pipeline import pipeline_arguments
+
+        if args.pipeline != "training":
+            raise ValueError(f"--recipe: only the training pipeline takes a recipe, not {args.pipeline!r}")
+        defaults = pipeline_arguments(recipes.load_recipe(args.recipe), recipe_value(args.recipe, inline=True))
+        check_training_parameters(defaults)
+    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args), defaults)
     print(f"wrote {output}")
     return 0
 

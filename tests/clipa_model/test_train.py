@@ -108,18 +108,12 @@ def _defaults(component) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def test_component_defaults_are_the_demo_recipe():
-    pre, ft = DEMO["pretrain"], DEMO["finetune_224"]
-    assert _defaults(pretrain) == dict(preset=DEMO.preset, image_size=pre.image_size,
-                                       text_len=pre.text_len, samples=pre.samples,
-                                       batch_size=pre.batch_size, lr=pre.lr, seed=0,
-                                       loader_workers=pre.num_workers,
-                                       torch_threads=pre.num_threads)
-    assert _defaults(finetune) == dict(image_size=ft.image_size, text_len=ft.text_len,
-                                       mask_ratio=ft.mask_ratio, samples=ft.samples,
-                                       batch_size=ft.batch_size, lr=ft.lr, seed=0,
-                                       loader_workers=ft.num_workers,
-                                       torch_threads=ft.num_threads)
+def test_component_defaults_take_everything_from_the_recipe():
+    """The components' literal defaults: the demo recipe, and -1 / "" for "the recipe's"."""
+    common = dict(recipe="demo", stage_overrides={}, seed=-1, loader_workers=-1,
+                  torch_threads=-1, procs_per_node=0, init="")
+    assert _defaults(pretrain) == dict(preset="", **common)
+    assert _defaults(finetune) == dict(init_model=None, stage="finetune_224", **common)
 
 
 def test_smoke_recipe_is_a_smaller_demo():

@@ -14,7 +14,7 @@ import yaml
 from components.cli_args import json_items, key_value, typed_params
 from pipelines import cli
 from pipelines.compile import compile_pipeline
-from pipelines.training_pipeline import STAGE_PREFIX, clipa_training, pipeline_arguments
+from pipelines.training_pipeline import clipa_training, pipeline_arguments
 from clipa_model import recipes
 from support import REPO_ROOT
 
@@ -43,18 +43,19 @@ def test_compiled_pipeline_chains_all_stages_in_order(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(recipes.RECIPES))
 def test_every_recipe_maps_onto_pipeline_parameters(name):
-    args = pipeline_arguments(recipes.RECIPES[name])
+    args = pipeline_arguments(recipes.RECIPES[name], name)
     inputs = clipa_training.component_spec.inputs
-    assert set(args) <= set(inputs)
-    for prefix in STAGE_PREFIX.values():
-        assert f"{prefix}_samples" in args and f"{prefix}_image_size" in args
+    assert set(args) <= set(inputs) and args["recipe"] == name
 
 
 def test_demo_recipe_runs_with_the_seed_its_numbers_were_measured_with():
     # The README's demo table is one seed's run; `clipa run` must reproduce that seed,
-    # while paper recipes (user data) keep the pipeline's own default.
-    assert pipeline_arguments(recipes.DEMO)["seed"] == recipes.DEMO.seed != 0
-    assert "seed" not in pipeline_arguments(recipes.PAPER_H14)
+    # and the recipe's stages carry it too (the pipeline's seed reaches every stage).
+    assert pipeline_arguments(recipes.DEMO, "demo")["seed"] == recipes.DEMO.seed != 0
+    for recipe in recipes.PLAN_RECIPES.values():
+        assert {s.seed for s in recipe.stages.values()} == {recipe.seed}
+    default = clipa_training.component_spec.inputs["seed"].default
+    assert pipeline_arguments(recipes.PAPER_H14, "paper_h14")["seed"] == default
 
 
 def test_help_documents_every_option(capsys):
@@ -69,12 +70,14 @@ def test_help_documents_every_option(capsys):
 
 def test_param_override_is_typed_and_checked():
     inputs = clipa_training.component_spec.inputs
-    assert typed_params([("pretrain_samples", "123"), ("pretrain_lr", "1e-3")], inputs) == {
-        "pretrain_samples": 123, "pretrain_lr": 1e-3}
+    assert typed_params([("train_procs_per_node", "2"), ("max_aspect_ratio", "2.5"),
+                         ("stage_overrides", '{"pretrain": {"samples": 2000}}')], inputs) == {
+        "train_procs_per_node": 2, "max_aspect_ratio": 2.5,
+        "stage_overrides": {"pretrain": {"samples": 2000}}}
     with pytest.raises(ValueError, match="unknown pipeline parameter 'no_such'"):
         typed_params([("no_such", "1")], inputs)
     with pytest.raises(ValueError, match="expected a Integer"):
-        typed_params([("pretrain_samples", "many")], inputs)
+        typed_params([("train_procs_per_node", "many")], inputs)
 
 
 def test_key_value_flags_share_one_parser(capsys):
