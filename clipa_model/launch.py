@@ -117,11 +117,21 @@ def node_layout(procs_per_node: int = 0, device: str = "auto",
                           f"{what}; expected at most {present} (0 = one per accelerator)")
     if procs_per_node == 0:
         procs_per_node = 1 if kind == "cpu" else max(1, present)
-    nodes, node_rank, addr, port = 1, 0, "127.0.0.1", DEFAULT_PORT
+    nodes, node_rank, addr, port = 1, 0, "127.0.0.1", 0
     if env.get("CLUSTER_SPEC"):
         node_rank, nodes, addr, port = cluster_spec_nodes(env["CLUSTER_SPEC"])
+    elif procs_per_node > 1 and "MASTER_PORT" not in env:
+        port = _free_port()  # one node: any free port, so that two local runs can coexist
     return NodeLayout(kind, procs_per_node, nodes, node_rank, env.get("MASTER_ADDR", addr),
                       int(env.get("MASTER_PORT", port)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launch(fn: Callable, args: tuple, layout: NodeLayout):

@@ -228,8 +228,14 @@ def _stage_with(start: dict, changes, where: str) -> StageConfig:
 
 
 def _typed(where: str, value, default):
-    """``value`` as the type of ``default`` (ints for floats are fine), else ConfigError."""
+    """``value`` as the type of ``default`` (ints for floats are fine), else ConfigError.
+
+    A whole float for an int field is taken as the int: KFP passes dict parameters through
+    protobuf's Struct, whose numbers are all floats.
+    """
     kind = type(default)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
     ok = (isinstance(value, bool) if kind is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
           else isinstance(value, int) and not isinstance(value, bool) if kind is int

@@ -32,8 +32,8 @@ def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metric
 
     Everything is checked before any process starts: the recipe and overrides
     (``recipes.resolve_stage``), the process count against the accelerators present and
-    the batch against world size x accum_steps. On a multi-node job only the primary node
-    reports; the others end here without writing the step's outputs.
+    the batch against world size x accum_steps. On a multi-node job only global rank 0
+    writes the Model artifact and the metrics.
 
     Args:
         stage_name: the recipe's stage ("pretrain", "finetune_224", ...).
@@ -61,9 +61,8 @@ def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metric
     log.info("%s: %s", stage_name, json.dumps({"stage": stage.to_dict(), **layout.to_dict()}))
     result = launch(stage_worker, (data_dir, output_dir, stage, preset, init or None, None,
                                    layout), layout)
-    if layout.node_rank != 0:
-        raise SystemExit(0)  # the primary node writes the step's outputs (Model, metrics)
-    _log_metrics(metrics, result)
+    if result is not None:  # None on other nodes: the primary writes the outputs (and kfp's
+        _log_metrics(metrics, result)  # executor writes its output file on workerpool0 only)
     return result
 
 
