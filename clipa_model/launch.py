@@ -138,15 +138,17 @@ def launch(fn: Callable, args: tuple, layout: NodeLayout):
     """Run ``fn(*args)`` on every process of ``layout``; return local rank 0's result.
 
     ``fn`` must be a module-level function (workers are spawned and import it). One process
-    in all runs ``fn`` right here.
+    in all runs ``fn`` right here, except on xla, where torch_xla's launch always starts the
+    workers (one per local device: PJRT counts them, and the process that opens a TPU
+    holds it).
 
     Raises:
         LaunchError: a worker failed (its rank and error in the message).
     """
-    if layout.world_size == 1:
-        return fn(*args)
     if layout.device == "xla":
         return _launch_xla(fn, args)
+    if layout.world_size == 1:
+        return fn(*args)
     return _launch_elastic(fn, args, layout)
 
 

@@ -89,3 +89,11 @@ def test_resolve_stage_of_a_stage_the_recipe_lacks():
     with pytest.raises(ConfigError, match="stage 'finetune_336': not in recipe 'paper_h14_70px'"):
         recipes.resolve_stage("paper_h14_70px", {}, "finetune_336")
     assert StageConfig().accum_steps == 1
+
+
+def test_whole_floats_from_kfp_dict_parameters_count_as_ints():
+    """KFP passes a dict parameter through protobuf's Struct: 2000 arrives as 2000.0."""
+    stage = recipes.resolve_stage("smoke", {"pretrain": {"samples": 2000.0, "lr": 1}}, "pretrain")
+    assert stage.samples == 2000 and isinstance(stage.samples, int) and stage.lr == 1.0
+    with pytest.raises(ConfigError, match="samples=2000.5: expected a int"):
+        recipes.resolve_stage("smoke", {"pretrain": {"samples": 2000.5}}, "pretrain")

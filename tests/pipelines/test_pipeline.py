@@ -121,13 +121,20 @@ def test_bad_url_list_stops_before_any_work(tmp_path, capsys, name, make_file, p
     assert not workdir.exists(), "nothing may be written before the URL list is validated"
 
 
+# The smoke run trains every step as 2 gloo processes; pretraining in fp32 and without
+# loader processes so that its weights can be compared with one process (test_scale.py).
+TWO_PROCS = ["--param", "train_procs_per_node=2", "--param",
+             'stage_overrides={"pretrain": {"precision": "fp32", "num_workers": 0}}']
+
+
 @pytest.mark.slow
 def test_clipa_run_smoke_end_to_end(tmp_path):
-    """`clipa run` on the embedded default, smoke recipe: every stage for real via kfp.local."""
+    """`clipa run` on the embedded default, smoke recipe: every stage for real via kfp.local,
+    each training step as 2 processes."""
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--recipe", "smoke",
-                           "--workdir", str(workdir)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           "--workdir", str(workdir), *TWO_PROCS], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary_files = list(workdir.glob("pipeline_root/*/summarize/summary"))
     assert len(summary_files) == 1
@@ -156,3 +163,25 @@ def test_clipa_run_smoke_end_to_end(tmp_path):
     report = out.strip().splitlines()[-1].split("report: ")[-1]
     html = open(report).read()
     assert html.count("data:image/png;base64") >= 2 and "finetune_336" in html
+    _check_two_process_steps(workdir, demo)
+
+
+def _check_two_process_steps(workdir, recipe) -> None:
+    """Every step trained as world size 2 with its whole recipe stage; pretraining's weights
+    equal one process on the same global batches."""
+    import torch
+    from clipa_model.config import StageConfig
+    from test_scale import assert_same_weights, one_process_weights
+
+    run = next((workdir / "pipeline_root").glob("clipa-training-*"))
+    for task, name in (("pretrain", "pretrain"), ("finetune", "finetune_224"),
+                       ("finetune-2", "finetune_336")):
+        resolved = json.loads((run / task / "model" / "resolved_config.json").read_text())
+        assert (resolved["world_size"], resolved["procs_per_node"], resolved["nodes"]) == (2, 2, 1)
+        expected = recipe[name].replace(**({"precision": "fp32", "num_workers": 0}
+                                           if name == "pretrain" else {}))
+        assert StageConfig.from_dict(resolved["stage"]) == expected
+    stage = StageConfig.from_dict(
+        json.loads((run / "pretrain" / "model" / "resolved_config.json").read_text())["stage"])
+    got = torch.load(run / "pretrain" / "model" / "checkpoint.pt", weights_only=True)
+    assert_same_weights(got, one_process_weights(str(run / "filter-shard" / "filtered"), stage, 2))

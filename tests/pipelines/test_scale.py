@@ -189,10 +189,14 @@ def _cluster_spec(ports: list[int], node: int) -> str:
                        "job": {"worker_pool_specs": []}})
 
 
-TWO_NODE_STAGE = {"pretrain": {"samples": 96, "batch_size": 32, "image_size": 28,
-                               "accum_steps": 4, "precision": "fp32", "num_workers": 0,
-                               "num_threads": 1, "log_every": 2, "crop_scale": [0.8, 1.0],
-                               "checkpoint_minutes": 0}}
+# The recipe file sets the stage's sizes, stage_overrides the accumulation and precision:
+# both must reach the step.
+TWO_NODE_RECIPE = """base: smoke
+stages:
+  pretrain: {samples: 96, batch_size: 32, image_size: 28, num_workers: 0, num_threads: 1,
+             log_every: 2, crop_scale: [0.8, 1.0], checkpoint_minutes: 0}
+"""
+TWO_NODE_OVERRIDES = {"pretrain": {"accum_steps": 4, "precision": "fp32"}}
 
 
 @pytest.mark.slow
@@ -203,7 +207,9 @@ def test_two_nodes_of_two_processes_train_like_one_process(tmp_path):
     yaml_path = compile_pipeline(str(tmp_path / "p.yaml"), "training",
                                  with_nodes(get_placement("a3-highgpu-8g"), 2))
     pools = _pools(yaml.safe_load(open(yaml_path)), "comp-pretrain")
-    params = {"recipe": "smoke", "stage_overrides": TWO_NODE_STAGE, "preset": "", "seed": -1,
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(TWO_NODE_RECIPE)
+    params = {"recipe": str(recipe_file), "stage_overrides": TWO_NODE_OVERRIDES, "preset": "", "seed": -1,
               "loader_workers": -1, "torch_threads": -1, "procs_per_node": 2, "init": ""}
     executor_input = json.dumps(_executor_input(data, str(tmp_path / "out"), params))
     ports = [_free_port(), _free_port()]
@@ -227,5 +233,9 @@ def test_two_nodes_of_two_processes_train_like_one_process(tmp_path):
     logged = json.loads((tmp_path / "out" / "executor_output.json").read_text())
     assert logged["artifacts"]["metrics"]["artifacts"][0]["metadata"]["samples_seen"] == 96
     stage = StageConfig.from_dict(resolved["stage"])
+    from clipa_model.recipes import load_recipe
+
+    assert stage == load_recipe(str(recipe_file))["pretrain"].replace(**TWO_NODE_OVERRIDES["pretrain"])
+    assert (stage.samples, stage.image_size, stage.accum_steps) == (96, 28, 4)
     expected = one_process_weights(data, stage, world_size=4)
     assert_same_weights(torch.load(model_dir / "checkpoint.pt", weights_only=True), expected)

@@ -196,6 +196,30 @@ def test_schedule_create_list_pause_resume_delete(vertex, capsys):
     assert state.of("DELETE", "/schedules/1") and name not in state.schedules
 
 
+def test_submit_dry_run_carries_the_whole_recipe(vertex, capsys, tmp_path):
+    state, _ = vertex
+    assert main([*_submit_args("--recipe", "paper_h14", "--nodes", "2"), "--dry-run"]) == 0
+    job = json.loads(capsys.readouterr().out)["pipelineJob"]
+    assert state.requests == []
+    sent = json.loads(job["runtimeConfig"]["parameterValues"]["recipe"])
+    for name, stage in recipes.PAPER_H14.items():  # every field of every stage, as JSON
+        assert sent["stages"][name] == json.loads(json.dumps(stage.to_dict()))
+    assert sent["preset"] == "H/14" and recipes.load_recipe(json.dumps(sent)) == recipes.PAPER_H14
+    pools = job["pipelineSpec"]["components"]["comp-pretrain"]["inputDefinitions"]["parameters"][
+        "worker_pool_specs"]["defaultValue"]
+    assert [p["replica_count"] for p in pools] == [1, 1]
+    # A local recipe file travels as its content; a bad override stops before anything is sent.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: paper_h14\nstages:\n  pretrain: {accum_steps: 8}\n")
+    assert main([*_submit_args("--recipe", str(mine)), "--dry-run"]) == 0
+    values = json.loads(capsys.readouterr().out)["pipelineJob"]["runtimeConfig"]["parameterValues"]
+    assert recipes.load_recipe(values["recipe"])["pretrain"].accum_steps == 8
+    assert main([*_submit_args("--recipe", "paper_h14", "--param",
+                               'stage_overrides={"pretrain": {"acum_steps": 8}}')]) == 2
+    assert "unknown StageConfig field(s) ['acum_steps']" in capsys.readouterr().err
+    assert state.requests == []
+
+
 def test_component_runs_alone_on_vertex(vertex, capsys):
     state, _ = vertex
     overrides = {"finetune_336": {"samples": 2048, "mask_ratio": 0.5}}
