@@ -135,7 +135,7 @@ def main() -> None:
                 print(f"{preset:<8}{stage_name:<14}{variant:<10}{size:>5}{text_len:>5}{mask:>6.0%}"
                       f"{batch:>7}{r['samples_per_s']:>11.1f}{r['tflops']:>9.1f}{mfu:>7}"
                       f"{r['mem_gib']:>9.1f}", flush=True)
-    per_core = loader_samples_per_core(presets[0])
+    per_core = loader_samples_per_core(presets[0], 128 if args.tiny else 1024)
     for r in rows:
         if r["stage"] == "pretrain" and r["variant"] == "plain":
             print(f"loader at 84 px: {per_core:.0f} samples/s per CPU core; {r['preset']} pretrain "
