@@ -1,7 +1,9 @@
 """Training steps: ``pretrain`` (84 px, 8 tokens) and ``finetune`` (224/336 px, 32 tokens).
 
 The work is ``clipa_model.train_stage.train_stage``, a plain function (tests and the CLI call
-it directly); the two KFP components only turn their artifacts and parameters into a call to it.
+it directly). The two KFP components resolve their stage from the recipe and
+``stage_overrides`` and launch it on every process of every node (``launch_training_step``,
+``clipa_model/launch.py``): the same component locally and as a Vertex AI custom job.
 
     python -m components.train DATA_DIR OUT_DIR --stage pretrain [--init INIT_DIR]
     python -m components.train DATA OUT --recipe paper_h14 --procs-per-node 8 --set device=cuda
@@ -25,9 +27,9 @@ def _log_metrics(metrics, result: dict) -> None:
 
 
 def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metrics, recipe: str,
-                      stage_overrides, preset: str = "", seed: int = -1,
-                      loader_workers: int = -1, torch_threads: int = -1,
-                      procs_per_node: int = 0, init: str = "") -> dict:
+                         stage_overrides, preset: str = "", seed: int = -1,
+                         loader_workers: int = -1, torch_threads: int = -1,
+                         procs_per_node: int = 0, init: str = "") -> dict | None:
     """What both training components do: resolve the stage, launch its processes, report.
 
     Everything is checked before any process starts: the recipe and overrides
