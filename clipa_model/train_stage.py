@@ -1,6 +1,7 @@
 """One training stage end to end: inputs checked, model built or loaded, resumed, trained, saved.
 
-``train_stage`` is what the KFP steps of ``components.train`` and its command line call, on one process or on every process of a torchrun / Vertex AI job:
+``train_stage`` is what every process of a training step runs (``stage_worker``, started by
+``launch.launch`` from the KFP steps of ``components.train`` and its command line):
 
 1. check everything before any work: the data (empty dataset), the stage config (sizes,
    masks, batch divisible by the world size), the init model's architecture;
