@@ -171,13 +171,12 @@ def _launch_elastic(fn: Callable, args: tuple, layout: NodeLayout):
 
 
 def _failure_text(failure) -> str:
-    """The worker's own error: its exception and traceback from the elastic error file."""
+    """The worker's own error: its exception, then its traceback, from the elastic error file."""
     message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", message)
-    if isinstance(message, dict):
-        message = message.get("message", "") + "\n" + message.get("extraInfo", {}).get("py_callstack", "")
-    return str(message).strip() or f"no error recorded (signal or exit without a traceback)"
+    if isinstance(message, dict):  # {"message": "E: ...", "extraInfo": {"py_callstack": ...}}
+        stack = message.get("extraInfo", {}).get("py_callstack", "")
+        message = f"{message.get('message', '')}\n{stack}"
+    return str(message).strip() or "no error recorded (a signal, or an exit without a traceback)"
 
 
 def _launch_xla(fn: Callable, args: tuple):

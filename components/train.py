@@ -32,7 +32,7 @@ def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metric
                          procs_per_node: int = 0, init: str = "") -> dict | None:
     """What both training components do: resolve the stage, launch its processes, report.
 
-    Everything is checked before any process starts: the recipe and overrides
+    Everything is checked before any process starts: the data artifact, the recipe and overrides
     (``recipes.resolve_stage``), the process count against the accelerators present and
     the batch against world size x accum_steps. On a multi-node job only global rank 0
     writes the Model artifact and the metrics.
@@ -48,9 +48,12 @@ def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metric
     Returns:
         Rank 0's ``train_stage`` result (None on nodes other than the primary).
     """
+    from clipa_model.data import list_train_shards
     from clipa_model.launch import launch, node_layout
     from clipa_model.recipes import load_recipe, resolve_stage
     from clipa_model.train_stage import check_batch, stage_worker
+
+    list_train_shards(data_dir)  # a bad / empty data artifact fails here, not in every rank
 
     def given(v):
         return None if v < 0 else v
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a StageConfig field, e.g. --set device=cuda (repeatable)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from clipa_model.data import list_train_shards
+
+    list_train_shards(args.data_dir)  # before any process starts
     stage = resolve_stage(args.recipe, {args.stage: json_items(args.set)}, args.stage)
     layout = node_layout(args.procs_per_node, stage.device)
     check_batch(stage, layout.world_size)

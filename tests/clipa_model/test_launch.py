@@ -46,4 +46,5 @@ def test_a_failed_worker_fails_the_launch_with_its_own_error():
         launch(fail_on_rank_one, (), node_layout(2, "cpu", {}))
     message = str(err.value)
     assert "training worker rank 1 of 2 failed" in message
-    assert "shard 17 is unreadable (rank one's own words)" in message and "ValueError" in message
+    assert "ValueError: shard 17 is unreadable (rank one's own words)" in message
+    assert "Traceback" in message and "fail_on_rank_one" in message  # where it was raised
