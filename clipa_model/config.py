@@ -49,7 +49,8 @@ class StageConfig:
             "block" (token_reduction.py); resizing to ``image_size`` is always applied.
         text_reduction: how captions fit ``text_len`` in training: "truncate", "random",
             "block" or "syntax" (CLIPA's best); evaluation always truncates.
-        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "xla" (TPU, PJRT).
+        device: "auto" (xla on a TPU host, i.e. PJRT_DEVICE set and torch_xla installed;
+            else cuda if available; else cpu), "cpu", "cuda" or "xla" (TPU, PJRT).
         grad_checkpointing: recompute activations in the backward pass (less memory).
         compile: wrap the model in ``torch.compile``.
         checkpoint_every: steps between resumable checkpoints (0 = by time only).
@@ -58,6 +59,9 @@ class StageConfig:
         zeroshot_every: samples between zero-shot probes of the eval set during training
             (0 = off; checked at log steps, so a probe runs at the first log step at or
             after each multiple); results go to TensorBoard and history.jsonl.
+        accum_steps: micro-batches per optimizer step. The loss still covers the whole
+            global batch (features of every micro-batch and rank; gradients by
+            recomputation, train_loop.py), so a paper batch fits fewer accelerators.
     """
 
     stage: str = "pretrain"
@@ -85,6 +89,7 @@ class StageConfig:
     checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
     zeroshot_every: int = 0
+    accum_steps: int = 1
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -128,6 +133,9 @@ class StageConfig:
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
             ("zeroshot_every", self.zeroshot_every >= 0, ">= 0 (0 = off)"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("accum_steps", self.accum_steps >= 1, ">= 1"),
+            ("accum_steps", self.batch_size % max(1, self.accum_steps) == 0,
+             f"a divisor of batch_size={self.batch_size} (micro-batches of equal size)"),
         ]
         if patch_size is not None:
             checks.append(("image_size", self.image_size % patch_size == 0,

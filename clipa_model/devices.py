@@ -24,8 +24,10 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     Raises:
         ConfigError: "cuda" without a GPU, or "xla" without torch_xla.
     """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":  # xla on a TPU host (PJRT_DEVICE set), else cuda, else cpu
+        from clipa_model.launch import device_type
+
+        name = device_type(name)
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda': no CUDA GPU is visible; expected 'cpu' or 'auto'")

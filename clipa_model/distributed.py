@@ -1,10 +1,10 @@
 """Where this process sits in a multi-process run: torchrun, Vertex AI, or alone.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for each process.
-A Vertex AI custom job sets CLUSTER_SPEC on each node (replica): workerpool0 holds the
-primary node, workerpool1 the others. One process per node can use it directly; for one
-process per GPU, start torchrun on every node with ``torchrun_args`` (the Vertex entry
-point: ``torchrun $(python -m clipa_model.distributed NPROC) -m components.train ...``).
+torchrun (and the training step's own launcher, ``launch.py``, which uses the same elastic
+agent) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for each process. A
+Vertex AI custom job sets CLUSTER_SPEC on each node (replica): workerpool0 holds the primary
+node, workerpool1 the others; ``cluster_spec_nodes`` reads it for the launcher.
+``torchrun_args`` gives the same layout as torchrun flags, for a hand-written torchrun.
 
 The contrastive loss of a multi-process run uses open_clip's ``ClipLoss(local_loss=True,
 gather_with_grad=True)``: every rank all-gathers the features of the global batch, scores
@@ -94,6 +94,14 @@ def resolve_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             return DistEnv(node_rank, nodes, 0, env.get("MASTER_ADDR", addr),
                            _int(env, "MASTER_PORT") if "MASTER_PORT" in env else port)
     return DistEnv()
+
+
+def xla_dist_env() -> DistEnv:
+    """This process's ``DistEnv`` under torch_xla's launch (PJRT ordinals; no rendezvous address)."""
+    import torch_xla.runtime as xr
+
+    return DistEnv(rank=xr.global_ordinal(), world_size=xr.world_size(),
+                   local_rank=xr.local_ordinal())
 
 
 def torchrun_args(nproc_per_node: int, env: Mapping[str, str] | None = None) -> list[str]:

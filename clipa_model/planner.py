@@ -48,6 +48,35 @@ ACCELERATORS = {a.name: a for a in (
 )}
 
 
+# Model FLOPs utilisation per (accelerator, preset, stage): the one table ``clipa plan``
+# reads (``utilization_for``). Rows come from bench/bench_gpu.py (it prints them as
+# ``UTILIZATION`` entries); none is measured yet, since no GPU was available to this
+# project's sessions, so every stage falls back to DEFAULT_UTILIZATION, marked "assumed".
+UTILIZATION: dict[tuple[str, str, str], float] = {}
+DEFAULT_UTILIZATION = 0.4
+
+# This CPU, measured: bench/bench_trainer.py trains the tiny preset at 84 px (bf16, batch
+# 32) at 232.4 samples/s on 2 cores x 218.5 MFLOP per sample = 25.4 GFLOP/s per core
+# (docs/TRAINING.md). What the local-run guard prices a recipe with.
+CPU_CORE_FLOPS = 25.4e9
+
+
+def utilization_for(accelerator: str, preset: str, stage: str) -> tuple[float, str]:
+    """(MFU, "measured" or "assumed") for a stage on an accelerator, from ``UTILIZATION``."""
+    key = (accelerator, preset, stage)
+    if key in UTILIZATION:
+        return UTILIZATION[key], "measured"
+    return DEFAULT_UTILIZATION, "assumed"
+
+
+def local_cpu(cores: int | None = None) -> Accelerator:
+    """This machine's CPU as an accelerator: its measured FLOP/s at utilisation 1, no price."""
+    import os
+
+    cores = cores or os.cpu_count() or 1
+    return Accelerator(f"cpu ({cores} cores)", CPU_CORE_FLOPS * cores, 0.0)
+
+
 def paper_gflops(preset: str, image_size: int, text_len: int, mask_ratio: float = 0.0) -> float:
     """Forward multiply-adds per sample in G (CLIPA-v2 Table 3's unit)."""
     return flops_per_sample(preset, image_size, text_len, mask_ratio, train=False) / 2e9
@@ -70,34 +99,47 @@ class StagePlan:
     train_flops: float
     accelerator_hours: float
     cost: float
+    utilization: float = DEFAULT_UTILIZATION
+    utilization_source: str = "given"
 
 
-def plan_stage(preset: str, stage: StageConfig, accel: Accelerator, utilization: float,
+def plan_stage(preset: str, stage: StageConfig, accel: Accelerator, utilization: float | None,
                price_per_hour: float | None = None) -> StagePlan:
-    """Compute, time and cost of one stage on ``accel`` at ``utilization`` (MFU, 0..1]."""
+    """Compute, time and cost of one stage on ``accel`` at ``utilization`` (MFU, 0..1];
+    None reads it from the ``UTILIZATION`` table."""
+    source = "given"
+    if utilization is None:
+        utilization, source = utilization_for(accel.name, preset, stage.stage)
     per_sample = flops_per_sample(preset, stage.image_size, stage.text_len, stage.mask_ratio)
     total = per_sample * stage.samples
     hours = total / (accel.peak_flops * utilization) / 3600
     price = accel.price_per_hour if price_per_hour is None else price_per_hour
     return StagePlan(stage.stage, stage.image_size, stage.text_len, stage.mask_ratio,
                      stage.samples, stage.batch_size, stage.steps, stage.lr,
-                     per_sample / 6e9, per_sample, total, hours, hours * price)
+                     per_sample / 6e9, per_sample, total, hours, hours * price, utilization,
+                     source)
 
 
-def plan_recipe(recipe, accelerator: str = "a100", utilization: float = 0.4,
+def plan_recipe(recipe, accelerator: str | Accelerator = "a100", utilization: float | None = None,
                 price_per_hour: float | None = None) -> dict:
     """Every stage of ``recipe`` (a ``recipes.Recipe``) and the totals.
+
+    ``accelerator``: a name in ACCELERATORS or an Accelerator (e.g. ``local_cpu()``);
+    ``utilization`` None: per stage from the ``UTILIZATION`` table.
 
     Returns:
         {"preset", "accelerator", "utilization", "price_per_hour", "stages": [StagePlan
         as dict], "total": {"train_flops", "accelerator_hours", "cost", "samples",
         "avg_paper_gflops"}}
     """
-    if accelerator not in ACCELERATORS:
+    if isinstance(accelerator, Accelerator):
+        accel, accelerator = accelerator, accelerator.name
+    elif accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator={accelerator!r}: expected one of {sorted(ACCELERATORS)}")
-    if not 0 < utilization <= 1:
+    else:
+        accel = ACCELERATORS[accelerator]
+    if utilization is not None and not 0 < utilization <= 1:
         raise ValueError(f"utilization={utilization}: expected a fraction in (0, 1]")
-    accel = ACCELERATORS[accelerator]
     stages = [plan_stage(recipe.preset, s, accel, utilization, price_per_hour)
               for s in recipe.stages.values()]
     samples = sum(s.samples for s in stages)
@@ -111,16 +153,23 @@ def plan_recipe(recipe, accelerator: str = "a100", utilization: float = 0.4,
 
 
 def resolved_config(stage: StageConfig, preset: str, world_size: int = 1, device: str = "cpu",
-                    data_count: int | None = None) -> dict:
-    """What a run actually runs with, derived values included (saved next to checkpoints)."""
+                    data_count: int | None = None, nodes: int = 1,
+                    procs_per_node: int | None = None) -> dict:
+    """What a run actually runs with, derived values included (saved next to checkpoints).
+
+    "stage" is the whole StageConfig; world_size = nodes x procs_per_node processes.
+    """
     flops = flops_per_sample(preset, stage.image_size, stage.text_len, stage.mask_ratio)
     grid = (stage.image_size // get_preset(preset).patch_size) ** 2
     from clipa_model.token_reduction import num_kept
 
     return {
         "preset": preset, "architecture": dataclasses.asdict(get_preset(preset)),
-        "stage": stage.to_dict(), "world_size": world_size, "device": device,
-        "per_rank_batch": stage.batch_size // world_size, "steps": stage.steps,
+        "stage": stage.to_dict(), "world_size": world_size, "nodes": nodes,
+        "procs_per_node": world_size // nodes if procs_per_node is None else procs_per_node,
+        "device": device, "per_rank_batch": stage.batch_size // world_size,
+        "micro_batch": stage.batch_size // world_size // stage.accum_steps,
+        "accum_steps": stage.accum_steps, "steps": stage.steps,
         "warmup_steps": stage.warmup_steps, "peak_lr": stage.lr,
         "image_tokens": 1 + (num_kept(grid, stage.mask_ratio) if stage.mask_ratio else grid),
         "text_tokens": stage.text_len, "train_flops_per_sample": flops,

@@ -8,13 +8,28 @@ classes in ``make demo``, seed 1: 57.2% / 63.6% / 62.8% after pretraining / the 
 about a minute (accuracy irrelevant). The paper's schedules (``PAPER_*``,
 never run here) are typed stage configs built by ``paper_stage``: peak LR = base x batch /
 256, warmup in steps; ``clipa plan RECIPE`` prices them.
+
+A recipe is data and travels whole: ``load_recipe`` takes a built-in name, the path or
+gs:// URI of a YAML / JSON file, or the JSON text itself (what ``clipa submit`` sends), with
+the fields of ``Recipe`` and, per stage, of ``StageConfig``:
+
+    base: paper_l14_datacomp        # optional: start from a built-in recipe
+    preset: L/14
+    stages:
+      pretrain: {samples: 2560000000, accum_steps: 4}
+      finetune_224: {batch_size: 16384}
+
+``apply_stage_overrides`` applies ``stage_overrides`` (stage -> field -> value) on top, and
+``resolve_stage`` gives a training step its whole StageConfig from both.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from clipa_model.config import StageConfig
+from clipa_model.config import ConfigError, StageConfig
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,11 @@ class Recipe(Mapping):
     def __len__(self) -> int:
         return len(self.stages)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: the recipe fields, stages as StageConfig dicts (``recipe_from_dict``'s input)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stages"}
+        return {**out, "stages": {name: cfg.to_dict() for name, cfg in self.stages.items()}}
+
 
 DEMO = Recipe(
     stages={
@@ -83,12 +103,16 @@ DEMO = Recipe(
                                     num_threads=1, num_workers=1),
     },
     n_train=4000, eval_per_class=50, image_px=336, seed=1)
+# A stage's seed is its recipe's (the pipeline's ``seed`` parameter carries it to every step).
+DEMO = dataclasses.replace(DEMO, stages={k: v.replace(seed=DEMO.seed) for k, v in DEMO.items()})
 
 SMOKE = Recipe(
     stages={
-        "pretrain": DEMO["pretrain"].replace(samples=1_024, batch_size=64, log_every=2),
-        "finetune_224": DEMO["finetune_224"].replace(samples=128, batch_size=32, log_every=1),
-        "finetune_336": DEMO["finetune_336"].replace(samples=64, batch_size=32, log_every=1),
+        "pretrain": DEMO["pretrain"].replace(samples=1_024, batch_size=64, log_every=2, seed=0),
+        "finetune_224": DEMO["finetune_224"].replace(samples=128, batch_size=32, log_every=1,
+                                                     seed=0),
+        "finetune_336": DEMO["finetune_336"].replace(samples=64, batch_size=32, log_every=1,
+                                                     seed=0),
     },
     n_train=256, eval_per_class=4, image_px=256)
 
@@ -153,3 +177,175 @@ def finetune_stage(image_size: int, recipe: Recipe = DEMO, **overrides) -> Stage
     name = f"finetune_{image_size}"
     base = recipe.stages.get(name, recipe.stages["finetune_224"])
     return base.replace(stage=name, image_size=image_size, **overrides)
+
+
+# ---------------------------------------------------------------- recipes as data
+
+PIPELINE_STAGES = ("pretrain", "finetune_224", "finetune_336")
+
+
+def recipe_from_dict(d: Mapping, source: str = "recipe") -> Recipe:
+    """A Recipe from its ``to_dict`` form; ``base`` names a built-in recipe to start from.
+
+    Raises:
+        ConfigError: an unknown recipe or stage field, or a stage that does not validate,
+            naming ``source``.
+    """
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with the fields of Recipe, got "
+                          f"{type(d).__name__}")
+    d = dict(d)
+    base = get_recipe(d.pop("base")) if "base" in d else Recipe()
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown Recipe field(s) {unknown}; expected some of "
+                          f"{sorted(known | {'base'})}")
+    stages = {name: dict(cfg) if isinstance(cfg, Mapping) else cfg
+              for name, cfg in (d.pop("stages", None) or {}).items()}
+    recipe = dataclasses.replace(base, **d)
+    out = dict(recipe.stages)
+    for name, fields in stages.items():
+        start = out[name].to_dict() if name in out else {"stage": name}
+        out[name] = _stage_with(start, fields, f"{source} stages.{name}")
+    return dataclasses.replace(recipe, stages=out)
+
+
+def _stage_with(start: dict, changes, where: str) -> StageConfig:
+    """``start`` (a StageConfig dict) with ``changes`` applied, each value type-checked."""
+    if not isinstance(changes, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of StageConfig fields, got {changes!r}")
+    defaults = StageConfig().to_dict()
+    unknown = sorted(set(changes) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{where}: unknown StageConfig field(s) {unknown}; known: "
+                          f"{sorted(defaults)}")
+    typed = {k: _typed(f"{where}.{k}", v, defaults[k]) for k, v in changes.items()}
+    try:
+        return StageConfig(**{**start, **typed})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _typed(where: str, value, default):
+    """``value`` as the type of ``default`` (ints for floats are fine), else ConfigError.
+
+    A whole float for an int field is taken as the int: KFP passes dict parameters through
+    protobuf's Struct, whose numbers are all floats.
+    """
+    kind = type(default)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, (list, tuple)) and len(value) == len(default) if kind is tuple
+          else isinstance(value, kind))
+    if not ok:
+        raise ConfigError(f"{where}={value!r}: expected a {kind.__name__} like {default!r}")
+    return float(value) if kind is float else value
+
+
+def get_recipe(name: str) -> Recipe:
+    """A built-in recipe by name; the error lists them."""
+    if name not in PLAN_RECIPES:
+        raise ConfigError(f"recipe {name!r}: unknown; expected a built-in name "
+                          f"({', '.join(sorted(PLAN_RECIPES))}) or a .yaml/.json recipe file")
+    return PLAN_RECIPES[name]
+
+
+def load_recipe(ref: str) -> Recipe:
+    """The recipe ``ref`` names: a built-in name, JSON text, or a YAML / JSON file (local or gs://).
+
+    Raises:
+        ConfigError: an unknown name, a file that cannot be read or parsed, or content
+            that is not a valid recipe; the message names ``ref``.
+    """
+    ref = ref.strip()
+    if ref in PLAN_RECIPES:
+        return PLAN_RECIPES[ref]
+    if ref.startswith("{"):
+        try:
+            return recipe_from_dict(json.loads(ref), "recipe (JSON)")
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"recipe JSON text: cannot parse ({e})") from None
+    if not ref.endswith((".yaml", ".yml", ".json")) and "/" not in ref:
+        get_recipe(ref)  # raises: an unknown name
+    return recipe_from_dict(_read_recipe_file(ref), f"recipe file {ref}")
+
+
+def _read_recipe_file(path: str):
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "r") as f:
+            text = f.read()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"recipe file {path}: cannot read it ({type(e).__name__}: {e}); "
+                          "expected a readable .yaml or .json file") from None
+    try:
+        return yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe file {path}: not YAML or JSON ({e})") from None
+
+
+def parse_stage_overrides(overrides) -> dict:
+    """``stage_overrides`` as a dict: a mapping, JSON text, or empty ("" / None -> {})."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except ValueError as e:
+            raise ConfigError(f"stage_overrides {overrides!r}: not JSON ({e}); expected "
+                              '{"STAGE": {"FIELD": VALUE}}') from None
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"stage_overrides={overrides!r}: expected a mapping stage -> field -> value")
+    return dict(overrides)
+
+
+def apply_stage_overrides(recipe: Recipe, overrides) -> Recipe:
+    """``recipe`` with ``stage_overrides`` (stage -> field -> value, or its JSON text) applied.
+
+    Raises:
+        ConfigError: a stage the recipe does not have, an unknown field, a value of the
+            wrong type, or a stage that no longer validates.
+    """
+    overrides = parse_stage_overrides(overrides)
+    unknown = sorted(set(overrides) - set(recipe.stages))
+    if unknown:
+        raise ConfigError(f"stage_overrides: unknown stage(s) {unknown}; the recipe has "
+                          f"{list(recipe.stages)}")
+    stages = {name: _stage_with(cfg.to_dict(), overrides.get(name, {}), f"stage_overrides {name}")
+              for name, cfg in recipe.stages.items()}
+    return dataclasses.replace(recipe, stages=stages)
+
+
+def check_pipeline_recipe(recipe: Recipe, ref: str = "recipe") -> Recipe:
+    """Raise ConfigError unless ``recipe`` has the stages the training pipeline runs."""
+    missing = [s for s in PIPELINE_STAGES if s not in recipe.stages]
+    if missing:
+        raise ConfigError(f"{ref}: no stage(s) {missing}; the training pipeline runs "
+                          f"{list(PIPELINE_STAGES)}")
+    return recipe
+
+
+def resolve_stage(recipe_ref: str, stage_overrides, stage: str, **run_fields) -> StageConfig:
+    """The whole StageConfig a training step runs: recipe, then ``run_fields``, then overrides.
+
+    Args:
+        recipe_ref: a ``load_recipe`` reference; stage: e.g. "finetune_224".
+        stage_overrides: stage -> field -> value (or its JSON text); it wins over all.
+        run_fields: run-level settings that apply to every stage (e.g. the pipeline's
+            ``seed``, loader workers); None values are skipped.
+    """
+    recipe = load_recipe(recipe_ref)
+    if stage not in recipe.stages:
+        raise ConfigError(f"stage {stage!r}: not in recipe {recipe_ref[:80]!r} "
+                          f"(its stages: {list(recipe.stages)})")
+    cfg = recipe.stages[stage].replace(**{k: v for k, v in run_fields.items() if v is not None})
+    recipe = dataclasses.replace(recipe, stages={**recipe.stages, stage: cfg})
+    return apply_stage_overrides(recipe, stage_overrides).stages[stage]

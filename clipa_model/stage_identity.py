@@ -50,14 +50,25 @@ def data_identity(data_dir: str) -> str:
 
 
 def init_model_identity(model_dir: str | None) -> str | None:
-    """sha256 of an init Model artifact's weights (None: a stage trained from scratch)."""
+    """sha256 of the init model's weights (None: a stage trained from scratch).
+
+    ``model_dir`` is a Model artifact or ``open_clip:NAME:FILE`` (the architecture name and
+    the weights file's bytes).
+    """
     if model_dir is None:
         return None
+    if model_dir.startswith("open_clip:"):
+        name, _, weights = model_dir[len("open_clip:"):].partition(":")
+        return f"open_clip:{name}:{_file_sha256(weights)}"
     marker = read_marker(model_dir, "model")
     if marker.get("weights_sha256"):
         return marker["weights_sha256"]
-    digest = hashlib.sha256()  # artifacts written before the marker carried it
-    with fsspec.open(join(model_dir, "checkpoint.pt"), "rb") as f:
+    return _file_sha256(join(model_dir, "checkpoint.pt"))  # artifacts before the marker had it
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()

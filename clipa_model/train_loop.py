@@ -12,6 +12,7 @@ on XLA).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,8 +72,10 @@ def make_optimizer(model: torch.nn.Module, stage: StageConfig,
 
 
 def set_threads(stage: StageConfig) -> int:
-    """torch intra-op threads: the stage's ``num_threads``, else one per core."""
-    n = stage.num_threads or os.cpu_count() or 1
+    """torch intra-op threads: the stage's ``num_threads``, else the cores shared among this
+    node's training processes (LOCAL_WORLD_SIZE, set by the launcher)."""
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = stage.num_threads or max(1, (os.cpu_count() or 1) // procs)
     torch.set_num_threads(n)
     return n
 
@@ -105,23 +108,100 @@ def make_loss(dist_env: DistEnv) -> ClipLoss:
 def train_step(forward, model, loss_fn, optimizer, images: torch.Tensor, tokens: torch.Tensor,
                lr: float, stage: StageConfig, mean: tuple, std: tuple,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a (B, 3, S, S) uint8 / (B, T) int64 batch.
+    """One optimizer step on a (B, 3, S, S) uint8 / (B, T) int64 batch of this rank.
+
+    With ``stage.accum_steps`` = K > 1 the batch is K micro-batches (``accumulate_gradients``);
+    the loss and gradients are those of the whole batch either way.
 
     Returns:
         (loss, logit scale) as detached device tensors (no host sync).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with devices.autocast(stage.precision, device):
-        image_f, text_f, scale = forward(normalize(images, mean, std), tokens)  # (B, D) x2
-        loss = loss_fn(image_f.float(), text_f.float(), scale)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if stage.accum_steps > 1:
+        loss, scale = accumulate_gradients(forward, model, loss_fn, images, tokens,
+                                           stage.accum_steps, stage.precision, mean, std, device)
+    else:
+        with devices.autocast(stage.precision, device):
+            image_f, text_f, scale = forward(normalize(images, mean, std), tokens)  # (B, D) x2
+            loss = loss_fn(image_f.float(), text_f.float(), scale)
+        loss.backward()
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     devices.step_end(device)
     return loss.detach(), scale.detach()
+
+
+def accumulate_gradients(forward, model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
+                         accum_steps: int, precision: str, mean: tuple, std: tuple,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the contrastive loss over the whole batch, K micro-batches at a time.
+
+    As GradCache / open_clip's ``accum_freq``: (1) features of every micro-batch without a
+    graph; (2) for each micro-batch, recompute its features with a graph, put them among the
+    cached ones, take the full-batch loss (all ranks' features through ``loss_fn``) and
+    backpropagate into that micro-batch only. Summed over micro-batches these are exactly the
+    full-batch gradients: the loss is the same each time, and each feature's gradient
+    reaches the parameters once. Two details make it exact rather than approximate:
+
+    - the RNG state before each micro-batch's first pass is restored for its second, so
+      random patch masks are the same in both passes;
+    - the temperature enters the graph in one pass only (the last), so its gradient is
+      counted once, not K times (open_clip counts it K times).
+
+    DDP reduces gradients once, on the last micro-batch (``no_sync`` before). Costs one
+    extra forward per sample; memory is that of one micro-batch plus (B, D) features.
+
+    Returns:
+        (full-batch loss, logit scale), detached.
+    """
+    micro_images, micro_tokens = images.chunk(accum_steps), tokens.chunk(accum_steps)
+    rng_states, cached = [], []
+    with torch.no_grad(), devices.autocast(precision, device):
+        for im, tok in zip(micro_images, micro_tokens):
+            rng_states.append(_rng_state(device))
+            image_f, text_f, _ = forward(normalize(im, mean, std), tok)  # (B/K, D) x2
+            cached.append((image_f.float(), text_f.float()))
+    after = _rng_state(device)
+    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)
+    for j, (im, tok) in enumerate(zip(micro_images, micro_tokens)):
+        last = j == accum_steps - 1
+        _set_rng_state(rng_states[j], device)
+        with (contextlib.nullcontext() if last else no_sync()):
+            with devices.autocast(precision, device):
+                image_f, text_f, scale = forward(normalize(im, mean, std), tok)
+                all_image = torch.cat([c[0] for c in cached[:j]] + [image_f.float()]
+                                      + [c[0] for c in cached[j + 1:]])  # (B, D)
+                all_text = torch.cat([c[1] for c in cached[:j]] + [text_f.float()]
+                                     + [c[1] for c in cached[j + 1:]])
+                loss = loss_fn(all_image, all_text, scale if last else scale.detach())
+            loss.backward()
+    _set_rng_state(after, device)
+    return loss.detach(), scale.detach()
+
+
+def _rng_state(device: torch.device):
+    """The RNG that draws patch masks: the CPU generator, plus the device's (CUDA, XLA)."""
+    own = None
+    if device.type == "cuda":
+        own = torch.cuda.get_rng_state(device)
+    elif device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        own = xm.get_rng_state(device)
+    return torch.get_rng_state(), own
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(state[1], device)
 
 
 def train_loop(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

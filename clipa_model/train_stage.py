@@ -1,6 +1,7 @@
 """One training stage end to end: inputs checked, model built or loaded, resumed, trained, saved.
 
-``train_stage`` is what the KFP steps of ``components.train`` and its command line call, on one process or on every process of a torchrun / Vertex AI job:
+``train_stage`` is what every process of a training step runs (``stage_worker``, started by
+``launch.launch`` from the KFP steps of ``components.train`` and its command line):
 
 1. check everything before any work: the data (empty dataset), the stage config (sizes,
    masks, batch divisible by the world size), the init model's architecture;
@@ -26,7 +27,9 @@ from clipa_model.checkpoint import load_model, model_config, read_model_config, 
 from clipa_model.config import ConfigError, StageConfig
 from clipa_model.data import list_train_shards, train_batches
 from clipa_model.distributed import (DistEnv, all_gather_object, barrier, init_process_group,
-                                     resolve_dist_env)
+                                     resolve_dist_env, xla_dist_env)
+from clipa_model.eval.models import OPEN_CLIP_PREFIX
+from clipa_model.launch import NodeLayout
 from clipa_model.model import build_model, flops_per_sample, get_tokenizer
 from clipa_model.planner import resolved_config
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, get_preset
@@ -39,7 +42,11 @@ log = logging.getLogger("clipa.train")
 
 
 def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | None):
-    """A fresh model (seeded) or the init checkpoint rebuilt at this stage's sizes.
+    """A fresh model (seeded), or the init model rebuilt at this stage's sizes.
+
+    Args:
+        init_model_dir: a Model artifact folder, or ``open_clip:NAME:FILE`` (an open_clip
+            architecture of one of our presets and its weights file, local or gs://).
 
     Returns:
         (model, preset name).
@@ -47,7 +54,9 @@ def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | Non
     Raises:
         ConfigError: a stage the preset cannot run, or an init model of another preset.
     """
-    if init_model_dir is None:
+    if init_model_dir and init_model_dir.startswith(OPEN_CLIP_PREFIX):
+        return _init_from_open_clip(stage, preset, init_model_dir)
+    if not init_model_dir:
         preset = preset or "tiny"
         stage.validate(get_preset(preset).patch_size)
         torch.manual_seed(stage.seed)
@@ -61,6 +70,42 @@ def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | Non
     model, _ = load_model(init_model_dir, stage.image_size, stage.text_len, stage.mask_ratio,
                           stage.image_mask)
     return model, init_preset
+
+
+def _init_from_open_clip(stage: StageConfig, preset: str | None, ref: str):
+    """Our model at the stage's sizes with an open_clip checkpoint's weights (e.g. CLIPA-v2's)."""
+    from clipa_model.eval.models import ModelRefError, open_clip_state_dict
+    from clipa_model.model import load_weights
+    from clipa_model.presets import PRESETS
+
+    try:
+        config, state_dict = open_clip_state_dict(ref)
+    except ModelRefError as e:
+        raise ConfigError(str(e)) from None
+    # By architecture, not name: ViT-H-14-CLIPA-336 is our H/14 as much as ViT-H-14-CLIPA.
+    matches = [p for p in PRESETS if _open_clip_dims(config) == _preset_dims(p)]
+    if not matches:
+        raise ConfigError(f"{ref}: its architecture ({_open_clip_dims(config)}) is none of our "
+                          f"presets {sorted(PRESETS)}; expected a CLIPA-v2 ViT of one of them")
+    if preset is not None and preset != matches[0]:
+        raise ConfigError(f"preset={preset!r} differs from {ref}'s {matches[0]!r}; leave it unset")
+    stage.validate(get_preset(matches[0]).patch_size)
+    model = build_model(matches[0], stage.image_size, stage.text_len, stage.mask_ratio,
+                        stage.image_mask)
+    load_weights(model, state_dict, source=ref)
+    return model, matches[0]
+
+
+def _open_clip_dims(config: dict) -> tuple:
+    v, t = config["vision_cfg"], config["text_cfg"]
+    return (config["embed_dim"], v["patch_size"], v["width"], v["layers"], t["width"],
+            t["layers"], t["vocab_size"], t.get("pool_type", "argmax"))
+
+
+def _preset_dims(name: str) -> tuple:
+    p = get_preset(name)
+    return (p.embed_dim, p.patch_size, p.vision_width, p.vision_layers, p.text_width,
+            p.text_layers, p.vocab_size, p.text_pool)
 
 
 def _to_cpu(obj):
@@ -144,10 +189,13 @@ class _StageCheckpoints:
         return ConfigError(f"{error}, lr={self.stage.lr:g}; stopped. {where}")
 
 
-def _check_batch(stage: StageConfig, dist_env: DistEnv) -> None:
-    if stage.batch_size % dist_env.world_size:
+def check_batch(stage: StageConfig, world_size: int) -> None:
+    """Raise ConfigError unless the global batch splits into world_size x accum_steps equal parts."""
+    parts = world_size * stage.accum_steps
+    if stage.batch_size % parts:
         raise ConfigError(f"StageConfig.batch_size={stage.batch_size} for stage {stage.stage!r}: "
-                          f"expected a multiple of the world size {dist_env.world_size}")
+                          f"expected a multiple of world size {world_size} x accum_steps "
+                          f"{stage.accum_steps} = {parts}")
 
 
 def checkpoint_folder(output_dir: str, identity: dict, checkpoint_dir: str | None = None,
@@ -166,9 +214,9 @@ def checkpoint_folder(output_dir: str, identity: dict, checkpoint_dir: str | Non
 
 def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str | None = None,
                 init_model_dir: str | None = None, checkpoint_dir: str | None = None,
-                dist_env: DistEnv | None = None, *, checkpoint_root: str | None = None,
-                resume_from: str | None = None, eval_set: str | None = None,
-                report_to: str | tuple = ("tensorboard",)) -> dict:
+                dist_env: DistEnv | None = None, layout: NodeLayout | None = None, *,
+                checkpoint_root: str | None = None, resume_from: str | None = None,
+                eval_set: str | None = None, report_to: str | tuple = ("tensorboard",)) -> dict:
     """Train one stage on a ``filtered_shards`` artifact and write a ``model`` artifact.
 
     Args:
@@ -184,6 +232,7 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
             when the stage's own folder has none.
         eval_set: eval set for zero-shot probes every ``stage.zeroshot_every`` samples.
         report_to: "tensorboard" and/or "wandb" (live_log.py).
+        layout: the launch (nodes, processes per node), recorded in resolved_config.json.
 
     Returns:
         The model marker plus "samples_per_s", "data_count", "resumed_from" and
@@ -199,7 +248,7 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
         raise ConfigError(f"StageConfig.zeroshot_every={stage.zeroshot_every} for stage "
                           f"{stage.stage!r}: expected an eval set (eval_set) to probe")
     dist_env = dist_env or resolve_dist_env()
-    _check_batch(stage, dist_env)
+    check_batch(stage, dist_env.world_size)
     device = devices.select_device(stage.device, dist_env.local_rank)
     init_process_group(dist_env, device.type)
     set_threads(stage)
@@ -214,22 +263,27 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
                 "init_model_ref": init_model_dir}
     model_cfg = model_config(preset, stage.image_size, stage.text_len)
     ckpts = _StageCheckpoints(ckpt_dir, stage, model, model_cfg, device, dist_env, identity)
-    run = _StageRun(data_dir, output_dir, stage, preset, model, device, dist_env, data_count)
+    layout = layout or NodeLayout(device.type, dist_env.world_size)
+    run = _StageRun(data_dir, output_dir, stage, preset, model, device, dist_env, data_count,
+                    layout)
     return run.train(ckpts, probe, report_to, resume_from)
 
 
 class _StageRun:
     """The part of ``train_stage`` after the checks: resume, train, save."""
 
-    def __init__(self, data_dir, output_dir, stage, preset, model, device, dist_env, data_count):
+    def __init__(self, data_dir, output_dir, stage, preset, model, device, dist_env, data_count,
+                 layout: NodeLayout):
         self.data_dir, self.output_dir, self.stage, self.preset = data_dir, output_dir, stage, preset
         self.model, self.device, self.dist_env, self.data_count = model, device, dist_env, data_count
+        self.layout = layout
 
     def train(self, ckpts: _StageCheckpoints, probe, report_to, resume_from) -> dict:
         stage, dist_env, model, device = self.stage, self.dist_env, self.model, self.device
         optimizer = make_optimizer(model, stage, device)
         resolved = resolved_config(stage, self.preset, dist_env.world_size, str(device),
-                                   self.data_count)
+                                   self.data_count, nodes=self.layout.nodes,
+                                   procs_per_node=self.layout.procs_per_node)
         torch.manual_seed(stage.seed + dist_env.rank)  # patch masks (restored on resume)
         start_step, history = ckpts.restore(optimizer, resume_from)
         if dist_env.is_main:
@@ -276,3 +330,19 @@ class _StageRun:
                  stage.text_reduction, stage.samples, stage.steps, stage.batch_size,
                  self.dist_env.world_size, self.device,
                  stage.steps * stage.batch_size / self.data_count, self.data_count, flops / 1e9)
+
+
+def stage_worker(data_dir: str, output_dir: str, stage: StageConfig, preset: str | None,
+                 init_model_dir: str | None, checkpoint_dir: str | None,
+                 layout: NodeLayout, options: dict | None = None) -> dict:
+    """One process of a launched stage (``launch.launch`` runs it on every rank).
+
+    Takes its rank from torchrun's variables (CUDA / CPU) or from the PJRT runtime (xla);
+    rank 0 logs at INFO, the others only warnings. ``options``: ``train_stage``'s keyword
+    options (checkpoint_root, resume_from, eval_set, report_to).
+    """
+    dist_env = xla_dist_env() if layout.device == "xla" else resolve_dist_env()
+    logging.basicConfig(level=logging.INFO if dist_env.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    return train_stage(data_dir, output_dir, stage, preset, init_model_dir, checkpoint_dir,
+                       dist_env=dist_env, layout=layout, **(options or {}))

@@ -1,10 +1,12 @@
 """Training steps: ``pretrain`` (84 px, 8 tokens) and ``finetune`` (224/336 px, 32 tokens).
 
 The work is ``clipa_model.train_stage.train_stage``, a plain function (tests and the CLI call
-it directly); the two KFP components only turn their artifacts and parameters into a call to it.
+it directly). The two KFP components resolve their stage from the recipe and
+``stage_overrides`` and launch it on every process of every node (``launch_training_step``,
+``clipa_model/launch.py``): the same component locally and as a Vertex AI custom job.
 
     python -m components.train DATA_DIR OUT_DIR --stage pretrain [--init INIT_DIR]
-    torchrun --nproc_per_node 8 -m components.train DATA OUT --recipe paper_h14 --set device=cuda
+    python -m components.train DATA OUT --recipe paper_h14 --procs-per-node 8 --set device=cuda
 
 No ``from __future__ import annotations`` here: KFP reads the artifact annotations as objects.
 """
@@ -20,7 +22,7 @@ log = logging.getLogger("clipa.train")
 
 
 def _log_metrics(metrics, result: dict) -> None:
-    for key in ("final_loss", "samples_seen", "samples_per_s", "seconds", "resumed_from"):
+    for key in ("final_loss", "samples_seen", "samples_per_s", "seconds"):
         metrics.log_metric(key, float(result[key]))
 
 
@@ -38,104 +40,154 @@ def default_checkpoint_root(model_path: str) -> str:
     return "/".join(parts[:-3] + ["checkpoints"])
 
 
-def _train_options(model, eval_set, checkpoint_root: str, report_to: str,
-                   resume_from: str) -> dict:
-    """The keyword arguments of ``train_stage`` that the two components share."""
-    return {"checkpoint_root": checkpoint_root or default_checkpoint_root(model.path),
-            "eval_set": eval_set.path if eval_set is not None else None,
-            "report_to": report_to, "resume_from": resume_from or None}
+def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metrics, recipe: str,
+                         stage_overrides, preset: str = "", seed: int = -1,
+                         loader_workers: int = -1, torch_threads: int = -1,
+                         procs_per_node: int = 0, init: str = "", run_fields: dict | None = None,
+                         options: dict | None = None) -> dict | None:
+    """What both training components do: resolve the stage, launch its processes, report.
+
+    Everything is checked before any process starts: the data artifact, the recipe and overrides
+    (``recipes.resolve_stage``), the process count against the accelerators present and
+    the batch against world size x accum_steps. On a multi-node job only global rank 0
+    writes the Model artifact and the metrics.
+
+    Args:
+        stage_name: the recipe's stage ("pretrain", "finetune_224", ...).
+        recipe, stage_overrides: as the pipeline parameters (``recipes.load_recipe``).
+        preset: a fresh model's preset ("" = the recipe's); ignored when starting from ``init``.
+        seed, loader_workers, torch_threads: run-level settings of every stage (-1 = the
+            recipe's).
+        procs_per_node: training processes per node (0 = one per accelerator).
+        init: the model to start from: a Model artifact folder or ``open_clip:NAME:FILE``.
+        run_fields: more run-level StageConfig fields (checkpoint_every, checkpoint_minutes,
+            zeroshot_every; negative = the recipe's).
+        options: ``train_stage``'s keyword options (checkpoint_root, eval_set, report_to,
+            resume_from); checkpoint_root "" = PIPELINE_ROOT/checkpoints.
+    Returns:
+        Rank 0's ``train_stage`` result (None on nodes other than the primary).
+    """
+    from clipa_model.data import list_train_shards
+    from clipa_model.launch import launch, node_layout
+    from clipa_model.recipes import load_recipe, resolve_stage
+    from clipa_model.train_stage import check_batch, stage_worker
+
+    list_train_shards(data_dir)  # a bad / empty data artifact fails here, not in every rank
+
+    def given(v):
+        return None if v < 0 else v
+
+    more = {k: given(v) for k, v in (run_fields or {}).items()}
+    stage = resolve_stage(recipe, stage_overrides, stage_name, seed=given(seed),
+                          num_workers=given(loader_workers), num_threads=given(torch_threads),
+                          **more)
+    options = dict(options or {})
+    options["checkpoint_root"] = options.get("checkpoint_root") or default_checkpoint_root(output_dir)
+    layout = node_layout(procs_per_node, stage.device)
+    check_batch(stage, layout.world_size)
+    preset = None if init else (preset or load_recipe(recipe).preset)
+    log.info("%s: %s", stage_name, json.dumps({"stage": stage.to_dict(), **layout.to_dict()}))
+    result = launch(stage_worker, (data_dir, output_dir, stage, preset, init or None, None,
+                                   layout, options), layout)
+    if result is not None:  # None on other nodes: the primary writes the outputs (and kfp's
+        _log_metrics(metrics, result)  # executor writes its output file on workerpool0 only)
+    return result
 
 
 # Component defaults are literals (KFP runs the function's source text alone in the
-# container); tests/clipa_model/test_train.py checks that they equal the DEMO recipe.
+# container). recipe + stage_overrides carry every StageConfig field (recipes.py);
+# -1 / "" mean "the recipe's".
 @clipa_component(TRAIN_IMAGE)
 def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-             preset: str = "tiny", image_size: int = 84, text_len: int = 8,
-             samples: int = 40_000, batch_size: int = 32, lr: float = 7e-4, seed: int = 0,
-             loader_workers: int = 1, torch_threads: int = 1, checkpoint_root: str = "",
-             checkpoint_every: int = 0, checkpoint_minutes: float = 10.0,
-             eval_set: Input[Dataset] = None, zeroshot_every: int = 0,
+             recipe: str = "demo", stage_overrides: dict = {}, preset: str = "",
+             seed: int = -1, loader_workers: int = -1, torch_threads: int = -1,
+             procs_per_node: int = 0, init: str = "", checkpoint_root: str = "",
+             checkpoint_every: int = -1, checkpoint_minutes: float = -1.0,
+             eval_set: Input[Dataset] = None, zeroshot_every: int = -1,
              report_to: str = "tensorboard", resume_from: str = ""):
-    """CLIPA pretraining at low resolution and few text tokens, from scratch.
+    """CLIPA pretraining at low resolution and few text tokens (the recipe's "pretrain").
 
-    ``loader_workers`` / ``torch_threads``: data loader processes per training process and
-    torch intra-op threads (0 = all cores); the defaults suit the 2-core demo machine, a
-    GPU machine wants e.g. 8 workers per GPU.
+    ``recipe``: a built-in name, a YAML/JSON file (local or gs://) or its JSON text;
+    ``stage_overrides``: {"pretrain": {"samples": 2000}}. ``procs_per_node``: training
+    processes per node (0 = one per accelerator; on a CPU, N gloo processes); the nodes of a
+    multi-replica custom job come from CLUSTER_SPEC. ``init``: start from a Model artifact
+    or ``open_clip:NAME:FILE`` instead of a fresh ``preset`` model.
     ``checkpoint_root``: resumable checkpoints go to CHECKPOINT_ROOT/<stage>-<identity key>
     (default: PIPELINE_ROOT/checkpoints), so a rerun or resubmission with the same inputs
-    resumes, every ``checkpoint_every`` steps and / or ``checkpoint_minutes``; ``eval_set`` + ``zeroshot_every``: zero-shot probes during training;
+    resumes; ``checkpoint_every`` steps / ``checkpoint_minutes`` (-1 = the recipe's);
+    ``eval_set`` + ``zeroshot_every`` samples: zero-shot probes during training;
     ``report_to``: "tensorboard" and/or "wandb"; ``resume_from``: a checkpoint folder to
-    continue with a lower ``lr`` after a divergence.
+    continue with a lower lr after a divergence.
 
     Outputs:
-        model: Model artifact folder (checkpoint.pt, model_config.json, ...).
+        model: Model artifact folder (checkpoint.pt, resolved_config.json, ...), rank 0's.
         metrics: final_loss, samples_seen, samples_per_s, seconds.
     """
-    from clipa_model.recipes import DEMO
-    from clipa_model.train_stage import train_stage
-    from components.train import _log_metrics
+    from components.train import launch_training_step
 
-    from components.train import _train_options
-
-    stage = DEMO["pretrain"].replace(image_size=image_size, text_len=text_len, samples=samples,
-                                     batch_size=batch_size, lr=lr, seed=seed,
-                                     num_workers=loader_workers, num_threads=torch_threads,
-                                     zeroshot_every=zeroshot_every,
-                                     checkpoint_every=checkpoint_every,
-                                     checkpoint_minutes=checkpoint_minutes)
-    _log_metrics(metrics, train_stage(data.path, model.path, stage, preset=preset,
-                                      **_train_options(model, eval_set, checkpoint_root,
-                                                       report_to, resume_from)))
+    launch_training_step("pretrain", data.path, model.path, metrics, recipe, stage_overrides,
+                         preset, seed, loader_workers, torch_threads, procs_per_node, init,
+                         run_fields=dict(checkpoint_every=checkpoint_every,
+                                         checkpoint_minutes=checkpoint_minutes,
+                                         zeroshot_every=zeroshot_every),
+                         options=dict(checkpoint_root=checkpoint_root, report_to=report_to,
+                                      eval_set=eval_set.path if eval_set is not None else None,
+                                      resume_from=resume_from or None))
 
 
 @clipa_component(TRAIN_IMAGE)
-def finetune(data: Input[Dataset], init_model: Input[Model], model: Output[Model],
-             metrics: Output[Metrics], image_size: int = 224, text_len: int = 16,
-             mask_ratio: float = 0.3, samples: int = 6_000, batch_size: int = 32,
-             lr: float = 3e-4, seed: int = 0, loader_workers: int = 1, torch_threads: int = 1,
-             checkpoint_root: str = "", checkpoint_every: int = 0,
-             checkpoint_minutes: float = 10.0, eval_set: Input[Dataset] = None,
-             zeroshot_every: int = 0, report_to: str = "tensorboard", resume_from: str = ""):
-    """CLIPA finetuning at higher resolution with random patch masking.
+def finetune(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+             init_model: Input[Model] = None, stage: str = "finetune_224",
+             recipe: str = "demo", stage_overrides: dict = {}, seed: int = -1,
+             loader_workers: int = -1, torch_threads: int = -1, procs_per_node: int = 0,
+             init: str = "", checkpoint_root: str = "", checkpoint_every: int = -1,
+             checkpoint_minutes: float = -1.0, eval_set: Input[Dataset] = None,
+             zeroshot_every: int = -1, report_to: str = "tensorboard", resume_from: str = ""):
+    """CLIPA finetuning at higher resolution with random patch masking (the recipe's ``stage``).
 
-    ``loader_workers``, ``torch_threads``, ``checkpoint_root``, ``checkpoint_every``,
-    ``checkpoint_minutes``, ``eval_set``,
-    ``zeroshot_every``, ``report_to``, ``resume_from``: as in ``pretrain``.
+    Starts from ``init_model`` (a Model artifact) or, without one, from ``init``
+    (``open_clip:NAME:FILE``, e.g. a released CLIPA-v2 checkpoint). Other parameters as in
+    ``pretrain``.
 
     Outputs:
-        model: Model artifact folder, same preset as ``init_model``.
+        model: Model artifact folder, same preset as the init model.
         metrics: final_loss, samples_seen, samples_per_s, seconds.
     """
-    from clipa_model.recipes import finetune_stage
-    from clipa_model.train_stage import train_stage
-    from components.train import _log_metrics
+    from components.train import launch_training_step
 
-    from components.train import _train_options
-
-    stage = finetune_stage(image_size, text_len=text_len, mask_ratio=mask_ratio,
-                           samples=samples, batch_size=batch_size, lr=lr, seed=seed,
-                           num_workers=loader_workers, num_threads=torch_threads,
-                           zeroshot_every=zeroshot_every, checkpoint_every=checkpoint_every,
-                           checkpoint_minutes=checkpoint_minutes)
-    _log_metrics(metrics, train_stage(data.path, model.path, stage,
-                                      init_model_dir=init_model.path,
-                                      **_train_options(model, eval_set, checkpoint_root,
-                                                       report_to, resume_from)))
+    start = init_model.path if init_model is not None else init
+    if not start:
+        raise ValueError(f"finetune {stage}: give init_model (a Model artifact) or init "
+                         "(open_clip:NAME:FILE); a finetune starts from a trained model")
+    launch_training_step(stage, data.path, model.path, metrics, recipe, stage_overrides, "", seed,
+                         loader_workers, torch_threads, procs_per_node, start,
+                         run_fields=dict(checkpoint_every=checkpoint_every,
+                                         checkpoint_minutes=checkpoint_minutes,
+                                         zeroshot_every=zeroshot_every),
+                         options=dict(checkpoint_root=checkpoint_root, report_to=report_to,
+                                      eval_set=eval_set.path if eval_set is not None else None,
+                                      resume_from=resume_from or None))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: run one stage of a recipe on local / gs:// folders (also under torchrun)."""
-    from clipa_model.distributed import resolve_dist_env
+    """Command line: run one stage of a recipe on local / gs:// folders, on every process of
+    this node (``--procs-per-node``) and of the job's nodes (CLUSTER_SPEC)."""
+    from clipa_model.launch import launch, node_layout
+    from clipa_model.recipes import load_recipe, resolve_stage
+    from clipa_model.train_stage import check_batch, stage_worker
     from components.cli_args import json_items, key_value
-    from clipa_model.recipes import RECIPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data_dir")
     ap.add_argument("output_dir")
     ap.add_argument("--stage", default="pretrain", help="stage name in the recipe")
-    ap.add_argument("--recipe", default="demo", choices=sorted(RECIPES))
-    ap.add_argument("--init", default=None, help="Model artifact to finetune")
+    ap.add_argument("--recipe", default="demo",
+                    help="built-in recipe name or a .yaml/.json recipe file (local or gs://)")
+    ap.add_argument("--init", default=None,
+                    help="Model artifact or open_clip:NAME:FILE to start from")
     ap.add_argument("--preset", default=None)
+    ap.add_argument("--procs-per-node", type=int, default=0,
+                    help="training processes on this node (0 = one per accelerator)")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="resumable checkpoints, local or gs://, used as given")
     ap.add_argument("--checkpoint-root", default=None,
@@ -151,24 +203,21 @@ def main(argv: list[str] | None = None) -> None:
                     metavar="FIELD=VALUE",
                     help="override a StageConfig field, e.g. --set device=cuda (repeatable)")
     args = ap.parse_args(argv)
-    from clipa_model.train_stage import train_stage
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from clipa_model.data import list_train_shards
 
-    rank = resolve_dist_env().rank
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s")
-    stage = RECIPES[args.recipe].stages[args.stage]
-    stage = stage.replace(**json_items(args.set, stage.to_dict(), what="StageConfig field (--set)"))
-    result = train_stage(args.data_dir, args.output_dir, stage, args.preset, args.init,
-                         args.checkpoint_dir, checkpoint_root=args.checkpoint_root,
-                         resume_from=args.resume_from, eval_set=args.eval_set,
-                         report_to=args.report_to)
-    if rank == 0:
+    list_train_shards(args.data_dir)  # before any process starts
+    stage = resolve_stage(args.recipe, {args.stage: json_items(args.set)}, args.stage)
+    layout = node_layout(args.procs_per_node, stage.device)
+    check_batch(stage, layout.world_size)
+    preset = args.preset or (None if args.init else load_recipe(args.recipe).preset)
+    options = dict(checkpoint_root=args.checkpoint_root, resume_from=args.resume_from,
+                   eval_set=args.eval_set, report_to=args.report_to)
+    result = launch(stage_worker, (args.data_dir, args.output_dir, stage, preset, args.init,
+                                   args.checkpoint_dir, layout, options), layout)
+    if result is not None:
         print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":
-    import sys
-
-    from components.cli_errors import run_main
-
-    sys.exit(run_main(main, "python -m components.train"))
+    main()

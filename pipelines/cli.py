@@ -32,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local, Beam local runner, CPU)",
                          description="Run download -> filter_shard -> pretrain -> finetune 224 -> "
                                      "finetune 336 -> evaluate on this machine and print a summary.")
-    run.add_argument("--recipe", default="demo", choices=sorted(recipes.RECIPES),
-                     help="stage settings and demo data size (default: demo)")
+    run.add_argument("--recipe", default="demo",
+                     help="stage settings and demo data size: a built-in name "
+                          f"({', '.join(sorted(recipes.RECIPES))}) or a .yaml/.json recipe file "
+                          "(default: demo)")
+    run.add_argument("--force-long-run", action="store_true",
+                     help="run even if `clipa plan` prices the recipe above a day of this machine")
     run.add_argument("--url-list", default=None,
                      help="URL list (parquet, csv or jsonl with url and caption columns); "
                           "default: the embedded synthetic dataset served on 127.0.0.1")
@@ -42,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", default=None,
                      help="folder for this run's data and artifacts (default: runs/<timestamp>)")
     run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
-                     help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
+                     help="override one pipeline parameter, e.g. --param train_procs_per_node=2 or "
+                          "--param stage_overrides='{\"pretrain\": {\"samples\": 2000}}' (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show kfp.local's full output live (it always goes to WORKDIR/clipa-run.log)")
     run.add_argument("--report-to", default=None, metavar="tensorboard,wandb",
@@ -59,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write it (default: pipeline.yaml, or eval_pipeline.yaml for --pipeline eval)")
     add_placement_args(comp, default=None)
     add_training_job_args(comp)
+    from pipelines.training_args import add_recipe_arg
+
+    add_recipe_arg(comp, default=None)
 
     from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
@@ -87,7 +95,8 @@ def cmd_run(args) -> int:
     log_path = os.path.join(workdir, LOG_NAME)
     with _run_log(log_path, args.verbose) as view:
         print(f"clipa run: recipe {args.recipe}, workdir {workdir}; full log: {log_path}", flush=True)
-        result = run_local(workdir, args.recipe, args.url_list, args.eval_set, overrides, view)
+        result = run_local(workdir, args.recipe, args.url_list, args.eval_set, overrides, view,
+                           args.force_long_run)
     print()
     print(format_summary(result.summary))
     print(f"exported model (open_clip / Hugging Face Hub folder, model card README.md): {result.export_path}")
@@ -142,7 +151,16 @@ def _run_log(log_path: str, verbose: bool):
 def cmd_compile(args) -> int:
     from pipelines.compile import compile_pipeline
 
-    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args))
+    defaults = {}
+    if args.recipe:  # the compiled pipeline's defaults run that recipe
+        from pipelines.training_args import check_training_parameters, recipe_value
+        from pipelines.training_pipeline import pipeline_arguments
+
+        if args.pipeline != "training":
+            raise ValueError(f"--recipe: only the training pipeline takes a recipe, not {args.pipeline!r}")
+        defaults = pipeline_arguments(recipes.load_recipe(args.recipe), recipe_value(args.recipe, inline=True))
+        check_training_parameters(defaults)
+    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args), defaults)
     print(f"wrote {output}")
     return 0
 

@@ -33,11 +33,35 @@ def placed_pipeline(name: str = "training", placement: Placement | None = None):
 
 
 def compile_pipeline(output: str | None = None, pipeline: str = "training",
-                     placement: Placement | None = None) -> str:
+                     placement: Placement | None = None, defaults: dict | None = None) -> str:
     """Compile pipeline ``pipeline`` (under ``placement``, if any) to ``output``; return the path.
 
-    ``output`` defaults to the checked-in file of that pipeline (``DEFAULT_OUTPUT``).
+    ``output`` defaults to the checked-in file of that pipeline (``DEFAULT_OUTPUT``);
+    ``defaults`` replace the compiled default values of those pipeline parameters (e.g. a
+    recipe's, ``training_args``).
     """
     output = output or DEFAULT_OUTPUT[pipeline]
     compiler.Compiler().compile(pipeline_func=placed_pipeline(pipeline, placement), package_path=output)
+    if defaults:
+        set_parameter_defaults(output, defaults)
     return output
+
+
+def set_parameter_defaults(path: str, defaults: dict) -> None:
+    """Rewrite the default values of the compiled pipeline's parameters in ``path``.
+
+    Raises:
+        ValueError: a name that is not a parameter of the pipeline.
+    """
+    import yaml
+
+    with open(path) as f:
+        docs = list(yaml.safe_load_all(f))
+    params = docs[0]["root"]["inputDefinitions"]["parameters"]
+    unknown = sorted(set(defaults) - set(params))
+    if unknown:
+        raise ValueError(f"pipeline parameter(s) {unknown}: unknown; expected some of {sorted(params)}")
+    for name, value in defaults.items():
+        params[name]["defaultValue"] = value
+    with open(path, "w") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=True)

@@ -147,6 +147,9 @@ def add_component_parser(subparsers) -> argparse.ArgumentParser:
                      help="Vertex AI: print the exact CreatePipelineJob request and send nothing")
     add_vertex_args(run, pipeline_root=False)
     add_placement_args(run)
+    from pipelines.training_args import add_recipe_arg
+
+    add_recipe_arg(run, default=None)
     return comp
 
 
@@ -161,6 +164,19 @@ def run_component_cli(args) -> int:
     _, component = get_component(args.name)
     _, param_specs = split_inputs(component)
     params = typed_params(args.param, param_specs, what=f"{args.name} parameter")
+    if args.recipe:
+        if "recipe" not in param_specs:
+            raise ValueError(f"--recipe: component {args.name} takes no recipe")
+        from pipelines.training_args import recipe_value
+
+        # Vertex AI gets the recipe's JSON text: the job carries it whole.
+        params["recipe"] = recipe_value(args.recipe, inline=not args.local)
+    if "stage_overrides" in param_specs:  # a training step: its stage resolves before work
+        from clipa_model.recipes import resolve_stage
+
+        default_stage = param_specs["stage"].default if "stage" in param_specs else args.name
+        resolve_stage(params.get("recipe", "demo"), params.get("stage_overrides", {}),
+                      params.get("stage", default_stage))
     inputs = dict(args.input)
     if args.local:
         for out, path in run_component_locally(args.name, inputs, params, args.output_uri).items():

@@ -8,6 +8,7 @@ local pipeline_root.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -79,34 +80,48 @@ def run_pipeline_locally(pipeline_root: str, arguments: dict, view: TextIO | Non
         # environment is the point of the local runner) and that display names are unused.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task")
         warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
-        task = clipa_training(**arguments)
+        print_ = builtins.print
+        try:
+            task = clipa_training(**arguments)
+        finally:
+            # kfp.local indents task output by swapping builtins.print; parallel tasks (a
+            # ParallelFor) restore it out of order and can leave the indenting one behind.
+            builtins.print = print_
     return task.output.path
 
 
 def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = None,
               eval_set: str | None = None, overrides: dict | None = None,
-              view: TextIO | None = None) -> LocalRun:
+              view: TextIO | None = None, force_long_run: bool = False) -> LocalRun:
     """Run the whole pipeline locally, on the embedded default unless ``url_list`` is given.
 
     Args:
         workdir: folder for this run (demo data, pipeline_root, report).
-        recipe_name: a recipe of ``clipa_model.recipes`` (``demo``, ``smoke``).
+        recipe_name: a built-in recipe (``demo``, ``smoke``, ...) or a YAML / JSON recipe file.
         url_list: a real URL list; then ``eval_set`` must name an eval set folder.
         overrides: pipeline parameters that replace the recipe's.
         view: where kfp.local's output goes (``console.LiveView``); default: stdout.
+        force_long_run: run even when ``clipa plan`` prices it above a day of this machine.
     Raises:
         UrlListError: the URL list is missing or malformed (checked before any work).
-        ValueError: an unknown recipe or parameter, or a URL list without eval set.
+        ValueError: an unknown recipe or parameter, a URL list without eval set, a stage
+            that cannot run here, or (LongRunError) a run of more than a day.
         PreflightError: a parameter, the URL list or the eval set would fail a step.
     """
     from components.download.component import read_url_list
     from pipelines.preflight import preflight
     from pipelines.process_guard import guarded_tasks
-    from pipelines.training_pipeline import pipeline_arguments
+    from pipelines.training_args import check_local_budget, check_training_parameters, recipe_value
+    from pipelines.training_pipeline import clipa_training, pipeline_arguments
 
-    if recipe_name not in recipes.RECIPES:
-        raise ValueError(f"unknown recipe {recipe_name!r}; expected one of {sorted(recipes.RECIPES)}")
-    recipe = recipes.RECIPES[recipe_name]
+    recipe = recipes.load_recipe(recipe_name)
+    known = clipa_training.component_spec.inputs
+    unknown = sorted(set(overrides or {}) - set(known))
+    if unknown:
+        raise ValueError(f"unknown pipeline parameter(s) {unknown}; expected one of {sorted(known)}")
+    arguments = {**pipeline_arguments(recipe, recipe_value(recipe_name)), **(overrides or {})}
+    resolved = check_training_parameters(arguments, local=True)
+    check_local_budget(resolved, force_long_run)
     if url_list is None and recipe.n_train <= 0:
         raise ValueError(f"recipe {recipe_name!r} has no embedded demo data (it is a paper-scale "
                          "schedule): give --url-list and --eval-set")
@@ -118,14 +133,6 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     if (overrides or {}).get("registry_serving_image"):
         raise ValueError("registry_serving_image: the Model Registry upload runs on Vertex AI only "
                          "(clipa submit); locally the export folder is the result")
-    arguments = pipeline_arguments(recipe)
-    from pipelines.training_pipeline import clipa_training
-
-    known = clipa_training.component_spec.inputs
-    unknown = sorted(set(overrides or {}) - set(known))
-    if unknown:
-        raise ValueError(f"unknown pipeline parameter(s) {unknown}; expected one of {sorted(known)}")
-    arguments.update(overrides or {})
     start = time.time()
     counts = None
     with contextlib.ExitStack() as stack:

@@ -43,7 +43,9 @@ class Machine:
             Empty -> kfp task settings only (Vertex chooses a machine that fits them).
         accelerator_type: e.g. "NVIDIA_H100_80GB", "NVIDIA_A100_80GB", "NVIDIA_L4".
         accelerator_count: accelerators per replica.
-        replica_count: machines (custom jobs; 1 master + N-1 workers).
+        replica_count: machines (nodes) of a custom job: workerpool0 holds 1, workerpool1
+            the other N-1, every one running the same command; the training step's
+            launcher joins them through CLUSTER_SPEC (``clipa ... --nodes N``).
         tpu_topology: e.g. "2x4" for a TPU v5e slice (custom jobs).
         cpu_limit, memory_limit: kfp task settings, e.g. "8", "32G".
         boot_disk_size_gb: custom jobs' boot disk.
@@ -406,6 +408,10 @@ def add_placement_args(parser, default: str | None = "a3-highgpu-8g") -> None:
                              "record_history); default: the placement's")
     parser.add_argument("--train-image", default="",
                         help="container image of the training and evaluation steps; default: the placement's")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="machines per training step (a multi-replica custom job: workerpool0 = 1, "
+                             "workerpool1 = N-1, each launching one process per accelerator); "
+                             "default: the placement's (1)")
 
 
 def add_training_job_args(parser) -> None:
@@ -480,13 +486,32 @@ def with_training_jobs(placement: "Placement | None", changes: dict) -> "Placeme
 
 
 def placement_from_args(args):
-    """The Placement that --placement/--data-image/--train-image name (with the training
-    custom-job flags applied), or None (no placement)."""
+    """The Placement that --placement/--data-image/--train-image name (with --nodes and the
+    training custom-job flags applied), or None (no placement)."""
     changes = _training_job_changes(args)
-    if args.placement is None and not (args.data_image or args.train_image):
+    nodes = getattr(args, "nodes", None)
+    if args.placement is None and not (args.data_image or args.train_image) and nodes is None:
         return with_training_jobs(None, changes)
     # Vertex commands: custom jobs run as the job's service account, in its network.
     placement = resolve_placement(args.placement or "local", args.data_image, args.train_image,
                                   getattr(args, "service_account", ""),
                                   getattr(args, "network", ""))
+    placement = placement if nodes is None else with_nodes(placement, nodes)
     return with_training_jobs(placement, changes)
+
+
+def with_nodes(placement: Placement, nodes: int) -> Placement:
+    """A copy whose training steps run on ``nodes`` machines each.
+
+    Raises:
+        ValueError: ``nodes`` < 1, or a placement whose training steps are not custom jobs
+            (only a custom job has several replicas).
+    """
+    if nodes < 1:
+        raise ValueError(f"--nodes {nodes}: expected at least 1 machine per training step")
+    plain = [s for s in TRAIN_STEPS if not placement.machines.get(s, Machine()).machine_type]
+    if plain:
+        raise ValueError(f"--nodes {nodes}: placement {placement.name!r} runs {plain} without a "
+                         f"machine_type; expected a placement whose training steps are custom jobs "
+                         f"(e.g. a3-highgpu-8g, tpu-v5e-8)")
+    return placement.with_training(replica_count=nodes)

@@ -1,6 +1,6 @@
 """Check a whole pipeline run before its first step (``clipa run``, ``clipa submit``).
 
-Before this, ``--param ft224_mask_ratio=1.5`` or a missing eval set failed inside a step
+Before this, a finetune mask ratio of 1.5 or a missing eval set failed inside a step
 after download, filter and the earlier training stages had run, as a generic "Inner task
 failed" among hundreds of log lines. ``preflight`` checks, in a few seconds:
 
@@ -14,8 +14,8 @@ A failure raises ``PreflightError``: one line naming the parameter and what was
 expected; the CLI prints it and exits with status 2.
 
 The stage check takes a list of resolved ``StageConfig`` and a preset name;
-``stages_from_parameters`` adapts today's per-stage pipeline parameters
-(``pretrain_samples``, ``ft224_mask_ratio``...) to that list.
+``stages_from_parameters`` resolves them from ``recipe`` + ``stage_overrides`` exactly as
+the training steps do.
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ import fsspec
 
 from clipa_model.config import ConfigError, StageConfig
 
-# Training stage -> prefix of its pipeline parameters (pipelines/training_pipeline.py).
-STAGE_PREFIX = {"pretrain": "pretrain", "finetune_224": "ft224", "finetune_336": "ft336"}
 # StageConfig fields that come from pipeline parameters shared by every stage.
 SHARED_FIELDS = {"num_workers": "train_loader_workers", "num_threads": "train_torch_threads",
                  "seed": "seed"}
@@ -48,15 +46,16 @@ def _parameter_error(error: Exception, name_of) -> PreflightError:
     if not m:
         return PreflightError(str(error))
     field, value, stage, expected = m.groups()
-    return PreflightError(f"pipeline parameter {name_of(stage, field)}={value}: {expected} "
-                          f"(stage {stage})")
+    return PreflightError(f"{name_of(stage, field)}={value}: {expected} (stage {stage})")
 
 
 def parameter_names(stages: list[StageConfig]):
-    """(stage, field) -> its pipeline parameter, for stages in STAGE_PREFIX's order."""
-    prefixes = dict(zip([s.stage for s in stages], STAGE_PREFIX.values()))
-    return lambda stage, field: (SHARED_FIELDS.get(field)
-                                 or f"{prefixes.get(stage, stage)}_{field}")
+    """(stage, field) -> how the user sets it: a run-level parameter, else stage_overrides."""
+    def name_of(stage: str, field: str) -> str:
+        if field in SHARED_FIELDS:
+            return f"pipeline parameter {SHARED_FIELDS[field]}"
+        return f"stage_overrides {stage}.{field} (or the recipe's)"
+    return name_of
 
 
 def check_stage_configs(stages: list[StageConfig], preset: str, name_of=None) -> None:
@@ -72,7 +71,7 @@ def check_stage_configs(stages: list[StageConfig], preset: str, name_of=None) ->
     """
     from clipa_model.presets import PRESETS
 
-    name_of = name_of or (lambda stage, field: f"{stage}.{field}")
+    name_of = name_of or (lambda stage, field: f"{stage}.{field}")  # the stage's own field
     if preset not in PRESETS:
         raise PreflightError(f"pipeline parameter preset={preset!r}: expected one of "
                              f"{sorted(PRESETS)}")
@@ -83,35 +82,23 @@ def check_stage_configs(stages: list[StageConfig], preset: str, name_of=None) ->
             raise _parameter_error(e, name_of) from None
 
 
-def stages_from_parameters(arguments: dict) -> list[StageConfig]:
-    """The StageConfigs the training steps build from today's pipeline parameters.
-
-    Mirrors ``components/train.py`` (pretrain: the DEMO pretrain stage with these
-    fields; finetune: ``finetune_stage``). Missing parameters take their defaults.
+def stages_from_parameters(arguments: dict) -> tuple[list[StageConfig], str]:
+    """The StageConfigs the training steps resolve from ``recipe`` + ``stage_overrides`` and
+    the run-level parameters (``pipelines/training_args.py``), and the recipe's preset.
 
     Raises:
-        PreflightError: a value no StageConfig accepts, naming its parameter.
+        PreflightError: an unknown recipe, stage or field, or a value no StageConfig
+            accepts, naming where it was set.
     """
-    from clipa_model.recipes import DEMO, finetune_stage
+    from pipelines.training_args import check_training_parameters
 
-    args = {**pipeline_defaults(), **arguments}
-    shared = {field: args[name] for field, name in SHARED_FIELDS.items()}
-    stages = []
-    for stage, prefix in STAGE_PREFIX.items():
-        own = {f: args[f"{prefix}_{f}"] for f in ("image_size", "text_len", "mask_ratio",
-                                                  "samples", "batch_size", "lr")
-               if f"{prefix}_{f}" in args}
-        try:
-            if stage == "pretrain":
-                stages.append(DEMO["pretrain"].replace(**own, **shared))
-            else:
-                stages.append(finetune_stage(own.pop("image_size"), **own, **shared))
-        except ConfigError as e:
-            raise _parameter_error(e, lambda _, field, p=prefix: SHARED_FIELDS.get(field)
-                                   or f"{p}_{field}") from None
-        except TypeError as e:  # e.g. a text where a number belongs
-            raise PreflightError(f"pipeline parameters of stage {stage}: {e}") from None
-    return stages
+    try:
+        recipe = check_training_parameters(arguments)
+    except ConfigError as e:
+        raise _parameter_error(e, parameter_names([])) from None
+    except TypeError as e:  # e.g. a text where a number belongs
+        raise PreflightError(f"pipeline parameter stage_overrides: {e}") from None
+    return list(recipe.stages.values()), recipe.preset
 
 
 def pipeline_defaults() -> dict:
@@ -215,8 +202,8 @@ def preflight(arguments: dict, check_data: bool = True) -> list[StageConfig]:
         PreflightError: one line naming the parameter and what was expected.
     """
     args = {**pipeline_defaults(), **arguments}
-    stages = stages_from_parameters(args)
-    check_stage_configs(stages, args["preset"], parameter_names(stages))
+    stages, recipe_preset = stages_from_parameters(args)
+    check_stage_configs(stages, args.get("preset") or recipe_preset, parameter_names(stages))
     check_download(args)
     if check_data and args.get("url_list"):
         check_url_list(args["url_list"])

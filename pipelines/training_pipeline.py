@@ -9,9 +9,11 @@ google-cloud-pipeline-components' ``ModelUploadOp`` (Vertex AI only).
 Per-step machines and images are chosen at compile time: ``place_pipeline(clipa_training,
 get_placement("a3-highgpu-8g"))`` (pipelines/placement.py).
 
-Every setting is an explicit pipeline parameter (what Vertex shows and what a rerun
-changes); defaults come from the ``demo`` recipe, and ``pipeline_arguments(recipe)``
-turns any recipe of ``clipa_model.recipes`` into these parameters.
+The training stages' settings travel whole as data: ``recipe`` (a built-in name, a YAML /
+JSON file or its JSON text) and ``stage_overrides`` (stage -> field -> value); each training
+step resolves its whole StageConfig from them (``recipes.resolve_stage``) and records it in
+its Model artifact's resolved_config.json. ``pipeline_arguments(recipe, ref)`` gives the
+parameters that run a recipe.
 """
 
 from kfp import dsl
@@ -39,28 +41,16 @@ export = PlacedStep("export", export)
 
 PIPELINE_NAME = "clipa-training"
 
-# Parameter prefixes of the training stages, in order.
-STAGE_PREFIX = {"pretrain": "pretrain", "finetune_224": "ft224", "finetune_336": "ft336"}
-STAGE_FIELDS = ("image_size", "text_len", "mask_ratio", "samples", "batch_size", "lr")
 
-_PRE = recipes.DEMO.stages["pretrain"]
-_F224 = recipes.DEMO.stages["finetune_224"]
-_F336 = recipes.DEMO.stages["finetune_336"]
+def pipeline_arguments(recipe: recipes.Recipe, ref: str) -> dict:
+    """The pipeline parameters that run ``recipe`` (loaded from ``ref``: what ``recipe`` gets).
 
-
-def pipeline_arguments(recipe: recipes.Recipe) -> dict:
-    """The pipeline parameters that run ``recipe``'s training stages."""
-    args = {"preset": recipe.preset}
-    # A demo recipe: download at the size its images were rendered, with the seed its
-    # reported numbers came from.
+    The recipe travels whole in ``recipe``; its seed goes to ``seed`` (data order and every
+    stage). A demo recipe also downloads at the size its images were rendered.
+    """
+    args = {"recipe": ref, "seed": recipe.seed}
     if recipe.n_train > 0:
-        args.update(download_image_size=recipe.image_px, seed=recipe.seed)
-    for stage, prefix in STAGE_PREFIX.items():
-        cfg = recipe.stages[stage]
-        for field in STAGE_FIELDS:
-            if prefix == "pretrain" and field == "mask_ratio":
-                continue  # CLIPA pretrains on resized images; masking is a finetune tool
-            args[f"{prefix}_{field}"] = getattr(cfg, field)
+        args.update(download_image_size=recipe.image_px)
     return args
 
 
@@ -69,7 +59,7 @@ def pipeline_arguments(recipe: recipes.Recipe) -> dict:
 def clipa_training(
     url_list: str,
     eval_set: str,
-    preset: str = recipes.DEMO.preset,
+    preset: str = "",
     seed: int = 0,
     download_image_size: int = recipes.DEMO.image_px,
     download_processes: int = 1,
@@ -80,32 +70,19 @@ def clipa_training(
     min_image_side: int = 64,
     max_aspect_ratio: float = 3.0,
     min_caption_words: int = 3,
-    pretrain_image_size: int = _PRE.image_size,
-    pretrain_text_len: int = _PRE.text_len,
-    pretrain_samples: int = _PRE.samples,
-    pretrain_batch_size: int = _PRE.batch_size,
-    pretrain_lr: float = _PRE.lr,
-    ft224_image_size: int = _F224.image_size,
-    ft224_text_len: int = _F224.text_len,
-    ft224_mask_ratio: float = _F224.mask_ratio,
-    ft224_samples: int = _F224.samples,
-    ft224_batch_size: int = _F224.batch_size,
-    ft224_lr: float = _F224.lr,
-    ft336_image_size: int = _F336.image_size,
-    ft336_text_len: int = _F336.text_len,
-    ft336_mask_ratio: float = _F336.mask_ratio,
-    ft336_samples: int = _F336.samples,
-    ft336_batch_size: int = _F336.batch_size,
-    ft336_lr: float = _F336.lr,
-    train_loader_workers: int = _PRE.num_workers,
-    train_torch_threads: int = _PRE.num_threads,
+    recipe: str = "demo",
+    stage_overrides: dict = {},
+    init_model: str = "",
+    train_loader_workers: int = -1,
+    train_torch_threads: int = -1,
+    train_procs_per_node: int = 0,
     export_name: str = "",
     export_repo_id: str = "",
     registry_serving_image: str = "",
     checkpoint_root: str = "",
-    checkpoint_every: int = _PRE.checkpoint_every,
-    checkpoint_minutes: float = _PRE.checkpoint_minutes,
-    zeroshot_every: int = 0,
+    checkpoint_every: int = -1,
+    checkpoint_minutes: float = -1.0,
+    zeroshot_every: int = -1,
     report_to: str = "tensorboard",
 ) -> Artifact:
     """Train a CLIPA model from ``url_list`` and evaluate it zero-shot on ``eval_set``.
@@ -113,9 +90,20 @@ def clipa_training(
     Args:
         url_list: URL list file (parquet, csv or jsonl with url and caption columns).
         eval_set: folder of a labelled zero-shot evaluation set (see docs/ARTIFACTS.md).
+        preset: a fresh model's preset ("" = the recipe's).
+        seed: data order and every training stage's seed (``pipeline_arguments`` passes
+            the recipe's).
+        recipe: the training stages: a built-in name (clipa_model/recipes.py), the path or
+            gs:// URI of a YAML / JSON recipe file, or its JSON text.
+        stage_overrides: stage -> StageConfig field -> value, applied on top of the recipe,
+            e.g. {"pretrain": {"samples": 2000, "accum_steps": 4}}.
+        init_model: start pretraining from this model instead of a fresh one: a Model
+            artifact folder or open_clip:NAME:FILE ("" = a fresh ``preset`` model).
         train_loader_workers, train_torch_threads: data loader processes and torch threads
-            (0 = all cores) of each training process; the defaults fit a 2-core CPU, a GPU
-            machine wants e.g. 8 workers per GPU and 0 threads.
+            (0 = all cores) of each training process (-1 = the recipe's); a GPU machine
+            wants e.g. 8 workers per GPU and 0 threads.
+        train_procs_per_node: training processes per node (0 = one per accelerator; on a
+            CPU, N runs N gloo processes); the nodes are the placement's.
         export_name: the exported model's name (default clipa-PRESET-SIZE).
         export_repo_id: the Hugging Face Hub repo ("ORG/NAME") the export folder is for.
         registry_serving_image: a serving container image; when given, the export is
@@ -125,9 +113,9 @@ def clipa_training(
             resubmitted job with the same inputs resumes every unfinished stage. Default
             "": PIPELINE_ROOT/checkpoints.
         checkpoint_every, checkpoint_minutes: a checkpoint every N steps and / or M
-            minutes of each training stage (0 = not by that measure).
+            minutes of each training stage (0 = not by that measure; -1 = the recipe's).
         zeroshot_every: samples between zero-shot probes of eval_set while a stage
-            trains (TensorBoard, history.jsonl); 0 = off.
+            trains (TensorBoard, history.jsonl); 0 = off, -1 = the recipe's.
         report_to: live metrics of the training stages: "tensorboard", "wandb", both
             comma-separated, or "none".
     Returns:
@@ -150,23 +138,17 @@ def clipa_training(
                 checkpoint_minutes=checkpoint_minutes, eval_set=evalset.output,
                 zeroshot_every=zeroshot_every, report_to=report_to)
 
-    pre = pretrain(data=data, preset=preset, image_size=pretrain_image_size,
-                   text_len=pretrain_text_len, samples=pretrain_samples,
-                   batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed,
-                   loader_workers=train_loader_workers, torch_threads=train_torch_threads,
-                   **live)
+    # Every training step gets the whole recipe and resolves its own stage from it.
+    train_args = dict(recipe=recipe, stage_overrides=stage_overrides, seed=seed,
+                      loader_workers=train_loader_workers, torch_threads=train_torch_threads,
+                      procs_per_node=train_procs_per_node, **live)
+    pre = pretrain(data=data, preset=preset, init=init_model, **train_args)
     pre.set_display_name("pretrain-84")
-    f224 = finetune(data=data, init_model=pre.outputs["model"], image_size=ft224_image_size,
-                    text_len=ft224_text_len, mask_ratio=ft224_mask_ratio, samples=ft224_samples,
-                    batch_size=ft224_batch_size, lr=ft224_lr, seed=seed,
-                    loader_workers=train_loader_workers, torch_threads=train_torch_threads,
-                    **live)
+    f224 = finetune(data=data, init_model=pre.outputs["model"], stage="finetune_224",
+                    **train_args)
     f224.set_display_name("finetune-224")
-    f336 = finetune(data=data, init_model=f224.outputs["model"], image_size=ft336_image_size,
-                    text_len=ft336_text_len, mask_ratio=ft336_mask_ratio, samples=ft336_samples,
-                    batch_size=ft336_batch_size, lr=ft336_lr, seed=seed,
-                    loader_workers=train_loader_workers, torch_threads=train_torch_threads,
-                    **live)
+    f336 = finetune(data=data, init_model=f224.outputs["model"], stage="finetune_336",
+                    **train_args)
     f336.set_display_name("finetune-336")
 
     evals = []

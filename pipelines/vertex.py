@@ -159,6 +159,9 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     sub.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="a pipeline parameter, e.g. --param url_list=gs://b/urls.parquet (repeatable; "
                           "url_list and eval_set are required)")
+    from pipelines.training_args import add_recipe_arg
+
+    add_recipe_arg(sub, default=None)
     sub.add_argument("--dataflow", action="store_true",
                      help="run filter_shard's Beam pipeline on Dataflow (in --project/--region, temp files "
                           "under PIPELINE_ROOT/dataflow-tmp, workers on the data image)")
@@ -184,6 +187,9 @@ def run_submit(args) -> int:
     pipeline = get_pipeline("training")
     values = typed_params(args.param, pipeline.component_spec.inputs)
     check_parameters(pipeline, values)
+    from pipelines.training_args import recipe_parameters
+
+    values = recipe_parameters(values, args.recipe)
     from pipelines.preflight import preflight
 
     preflight(values, check_data=not args.no_data_check)  # before anything is compiled or sent

@@ -200,3 +200,31 @@ def _load_open_clip(ref: str) -> EvalModel:
         path = _local_copy(file, tmp)
         _check_weights_file(path)
         return _from_open_clip(name, path, ref, "open_clip")
+
+
+def open_clip_state_dict(ref: str) -> tuple[dict, dict]:
+    """The architecture config and weights an ``open_clip:NAME:FILE`` reference names, for
+    training to start from (evaluation loads whole models with ``load_eval_model``).
+
+    Returns:
+        (open_clip model config {"embed_dim", "vision_cfg", "text_cfg"}, state dict).
+
+    Raises:
+        ModelRefError: a malformed reference, an unknown architecture, or a file that is
+            not a checkpoint.
+    """
+    import open_clip
+    from open_clip.factory import load_state_dict
+
+    name, sep, file = ref[len(OPEN_CLIP_PREFIX):].partition(":")
+    if not ref.startswith(OPEN_CLIP_PREFIX) or not sep or not name or not file:
+        raise ModelRefError(f"{ref}: expected open_clip:NAME:FILE, e.g. "
+                            "open_clip:ViT-H-14-CLIPA-336:/models/clipa_h14_336.bin")
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ModelRefError(f"{ref}: unknown open_clip architecture {name!r}; see "
+                            "open_clip.list_models()")
+    with tempfile.TemporaryDirectory(prefix="clipa-weights-") as tmp:
+        path = _local_copy(file, tmp)
+        _check_weights_file(path)
+        return config, load_state_dict(path)

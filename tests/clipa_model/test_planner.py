@@ -72,3 +72,24 @@ def test_resolved_config_holds_the_derived_values():
     assert r["per_rank_batch"] == 8 and r["steps"] == 16 and r["epochs"] == 2.0
     assert r["image_tokens"] == 1 + 179 and r["text_tokens"] == 32
     assert r["paper_gflops_per_sample"] == pytest.approx(125.8, rel=0.005)
+
+
+def test_plan_reads_utilization_per_preset_and_stage_from_one_table(monkeypatch):
+    from clipa_model import planner
+
+    plan = plan_recipe(PAPER_H14, "h100")
+    assert plan["utilization"] is None
+    assert {(s["utilization"], s["utilization_source"]) for s in plan["stages"]} == {
+        (planner.DEFAULT_UTILIZATION, "assumed")}
+    monkeypatch.setitem(planner.UTILIZATION, ("h100", "H/14", "finetune_224"), 0.5)
+    stages = {s["stage"]: s for s in plan_recipe(PAPER_H14, "h100")["stages"]}
+    assert (stages["finetune_224"]["utilization"], stages["finetune_224"]["utilization_source"]) == (0.5, "measured")
+    base = {s["stage"]: s for s in plan["stages"]}
+    assert stages["finetune_224"]["accelerator_hours"] == pytest.approx(
+        base["finetune_224"]["accelerator_hours"] * planner.DEFAULT_UTILIZATION / 0.5)
+    assert stages["pretrain"] == base["pretrain"]
+    # This machine's CPU prices the guard of local runs: the demo fits a day, the paper does not.
+    cpu = planner.local_cpu(2)
+    assert cpu.peak_flops == 2 * planner.CPU_CORE_FLOPS
+    assert plan_recipe(DEMO, cpu, 1.0)["total"]["accelerator_hours"] < 1
+    assert plan_recipe(PAPER_H14, cpu, 1.0)["total"]["accelerator_hours"] > 1e6

@@ -108,24 +108,19 @@ def _defaults(component) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-# Not stage settings: where checkpoints live, live logging, the restart after a divergence.
-LONGRUN_DEFAULTS = dict(checkpoint_root="", checkpoint_every=0, checkpoint_minutes=10.0,
-                        eval_set=None, zeroshot_every=0,
+# Not stage settings: where checkpoints live, live logging, the restart after a divergence
+# (checkpoint_every / minutes and zeroshot_every are run-level StageConfig fields: -1 = the recipe's).
+LONGRUN_DEFAULTS = dict(checkpoint_root="", checkpoint_every=-1, checkpoint_minutes=-1.0,
+                        eval_set=None, zeroshot_every=-1,
                         report_to="tensorboard", resume_from="")
 
 
-def test_component_defaults_are_the_demo_recipe():
-    pre, ft = DEMO["pretrain"], DEMO["finetune_224"]
-    assert _defaults(pretrain) == dict(preset=DEMO.preset, image_size=pre.image_size,
-                                       text_len=pre.text_len, samples=pre.samples,
-                                       batch_size=pre.batch_size, lr=pre.lr, seed=0,
-                                       loader_workers=pre.num_workers,
-                                       torch_threads=pre.num_threads, **LONGRUN_DEFAULTS)
-    assert _defaults(finetune) == dict(image_size=ft.image_size, text_len=ft.text_len,
-                                       mask_ratio=ft.mask_ratio, samples=ft.samples,
-                                       batch_size=ft.batch_size, lr=ft.lr, seed=0,
-                                       loader_workers=ft.num_workers,
-                                       torch_threads=ft.num_threads, **LONGRUN_DEFAULTS)
+def test_component_defaults_take_everything_from_the_recipe():
+    """The components' literal defaults: the demo recipe, and -1 / "" for "the recipe's"."""
+    common = dict(recipe="demo", stage_overrides={}, seed=-1, loader_workers=-1,
+                  torch_threads=-1, procs_per_node=0, init="", **LONGRUN_DEFAULTS)
+    assert _defaults(pretrain) == dict(preset="", **common)
+    assert _defaults(finetune) == dict(init_model=None, stage="finetune_224", **common)
 
 
 def test_smoke_recipe_is_a_smaller_demo():
@@ -134,3 +129,35 @@ def test_smoke_recipe_is_a_smaller_demo():
         assert stage.samples < demo.samples and stage.image_size == demo.image_size
         assert stage.mask_ratio == demo.mask_ratio and stage.text_len == demo.text_len
     assert SMOKE.n_train < DEMO.n_train and SMOKE.eval_per_class < DEMO.eval_per_class
+
+
+def test_a_stage_starts_from_an_open_clip_checkpoint(shards, tmp_path):
+    """open_clip:NAME:FILE: the architecture is an open_clip config (here the tiny preset's,
+    registered with open_clip.add_model_config, as a released CLIPA config would be), FILE
+    its weights; the preset is the one with the same dimensions."""
+    import open_clip
+
+    from clipa_model.export import open_clip_config
+    from support import make_model_artifact
+
+    source = make_model_artifact(tmp_path / "src", image_size=28, text_len=8)
+    config = open_clip_config(json.load(open(os.path.join(source, "model_config.json"))))
+    (tmp_path / "clipa-tiny-test.json").write_text(json.dumps(config["model_cfg"]))
+    open_clip.add_model_config(str(tmp_path / "clipa-tiny-test.json"))
+    weights = os.path.join(source, "checkpoint.pt")
+    stage = _stage(stage="finetune_56", image_size=56, text_len=16, mask_ratio=0.3, samples=16,
+                   lr=1e-9)
+    out = str(tmp_path / "ft")
+    marker = train_stage(shards, out, stage, init_model_dir=f"open_clip:clipa-tiny-test:{weights}")
+    assert (marker["preset"], marker["image_size"], marker["text_len"]) == ("tiny", 56, 16)
+    before = torch.load(weights, weights_only=True)
+    after = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    torch.testing.assert_close(after["visual.conv1.weight"], before["visual.conv1.weight"],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="unknown open_clip architecture 'ViT-Q-99'"):
+        train_stage(shards, str(tmp_path / "x"), stage, init_model_dir=f"open_clip:ViT-Q-99:{weights}")
+    with pytest.raises(ConfigError, match="is none of our presets"):
+        train_stage(shards, str(tmp_path / "y"), stage, init_model_dir=f"open_clip:ViT-B-32:{weights}")
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        train_stage(shards, str(tmp_path / "z"), stage,
+                    init_model_dir=f"open_clip:clipa-tiny-test:{source}/model_config.json")

@@ -32,10 +32,10 @@ def test_unknown_and_missing_inputs_are_named():
 
 
 def test_unknown_parameter_names_the_component(tmp_path, capsys):
-    rc = main(["component", "run", "pretrain", "--input", "data=x", "--param", "sample=3",
+    rc = main(["component", "run", "pretrain", "--input", "data=x", "--param", "recipes=smoke",
                "--output-uri", str(tmp_path), "--local"])
     assert rc == 2
-    assert re.search("unknown pretrain parameter 'sample'.*samples", capsys.readouterr().err)
+    assert re.search("unknown pretrain parameter 'recipes'.*recipe", capsys.readouterr().err)
 
 
 def test_local_run_refuses_a_gs_output():
@@ -46,14 +46,14 @@ def test_local_run_refuses_a_gs_output():
 
 
 def test_one_step_pipeline_imports_inputs_and_types_params():
-    pipe = one_step_pipeline("pretrain", {"data": "gs://bkt/filtered"}, {"samples": 64, "lr": 0.001})
+    pipe = one_step_pipeline("pretrain", {"data": "gs://bkt/filtered"}, {"procs_per_node": 2, "recipe": "smoke"})
     spec = pipe.pipeline_spec
     tasks = spec.root.dag.tasks
     assert set(tasks) == {"importer", "pretrain"}
     imp = tasks["importer"].inputs.parameters["uri"].runtime_value.constant
     assert imp.string_value == "gs://bkt/filtered"
     params = tasks["pretrain"].inputs.parameters
-    assert params["samples"].runtime_value.constant.number_value == 64
+    assert params["procs_per_node"].runtime_value.constant.number_value == 2
     assert tasks["pretrain"].inputs.artifacts["data"].task_output_artifact.producer_task == "importer"
 
 

@@ -15,7 +15,7 @@ import yaml
 from components.cli_args import json_items, key_value, typed_params
 from pipelines import cli
 from pipelines.compile import compile_pipeline
-from pipelines.training_pipeline import STAGE_PREFIX, clipa_training, pipeline_arguments
+from pipelines.training_pipeline import clipa_training, pipeline_arguments
 from clipa_model import recipes
 from support import REPO_ROOT
 
@@ -44,18 +44,19 @@ def test_compiled_pipeline_chains_all_stages_in_order(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(recipes.RECIPES))
 def test_every_recipe_maps_onto_pipeline_parameters(name):
-    args = pipeline_arguments(recipes.RECIPES[name])
+    args = pipeline_arguments(recipes.RECIPES[name], name)
     inputs = clipa_training.component_spec.inputs
-    assert set(args) <= set(inputs)
-    for prefix in STAGE_PREFIX.values():
-        assert f"{prefix}_samples" in args and f"{prefix}_image_size" in args
+    assert set(args) <= set(inputs) and args["recipe"] == name
 
 
 def test_demo_recipe_runs_with_the_seed_its_numbers_were_measured_with():
     # The README's demo table is one seed's run; `clipa run` must reproduce that seed,
-    # while paper recipes (user data) keep the pipeline's own default.
-    assert pipeline_arguments(recipes.DEMO)["seed"] == recipes.DEMO.seed != 0
-    assert "seed" not in pipeline_arguments(recipes.PAPER_H14)
+    # and the recipe's stages carry it too (the pipeline's seed reaches every stage).
+    assert pipeline_arguments(recipes.DEMO, "demo")["seed"] == recipes.DEMO.seed != 0
+    for recipe in recipes.PLAN_RECIPES.values():
+        assert {s.seed for s in recipe.stages.values()} == {recipe.seed}
+    default = clipa_training.component_spec.inputs["seed"].default
+    assert pipeline_arguments(recipes.PAPER_H14, "paper_h14")["seed"] == default
 
 
 def test_help_documents_every_option(capsys):
@@ -70,12 +71,14 @@ def test_help_documents_every_option(capsys):
 
 def test_param_override_is_typed_and_checked():
     inputs = clipa_training.component_spec.inputs
-    assert typed_params([("pretrain_samples", "123"), ("pretrain_lr", "1e-3")], inputs) == {
-        "pretrain_samples": 123, "pretrain_lr": 1e-3}
+    assert typed_params([("train_procs_per_node", "2"), ("max_aspect_ratio", "2.5"),
+                         ("stage_overrides", '{"pretrain": {"samples": 2000}}')], inputs) == {
+        "train_procs_per_node": 2, "max_aspect_ratio": 2.5,
+        "stage_overrides": {"pretrain": {"samples": 2000}}}
     with pytest.raises(ValueError, match="unknown pipeline parameter 'no_such'"):
         typed_params([("no_such", "1")], inputs)
     with pytest.raises(ValueError, match="expected a Integer"):
-        typed_params([("pretrain_samples", "many")], inputs)
+        typed_params([("train_procs_per_node", "many")], inputs)
 
 
 def test_key_value_flags_share_one_parser(capsys):
@@ -119,13 +122,20 @@ def test_bad_url_list_stops_before_any_work(tmp_path, capsys, name, make_file, p
     assert not workdir.exists(), "nothing may be written before the URL list is validated"
 
 
+# The smoke run trains every step as 2 gloo processes; pretraining in fp32 and without
+# loader processes so that its weights can be compared with one process (test_scale.py).
+TWO_PROCS = ["--param", "train_procs_per_node=2", "--param",
+             'stage_overrides={"pretrain": {"precision": "fp32", "num_workers": 0}}']
+
+
 @pytest.mark.slow
 def test_clipa_run_smoke_end_to_end(tmp_path):
-    """`clipa run` on the embedded default, smoke recipe: every stage for real via kfp.local."""
+    """`clipa run` on the embedded default, smoke recipe: every stage for real via kfp.local,
+    each training step as 2 processes."""
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--recipe", "smoke",
-                           "--workdir", str(workdir)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           "--workdir", str(workdir), *TWO_PROCS], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary_files = list(workdir.glob("pipeline_root/*/summarize/summary"))
     assert len(summary_files) == 1
@@ -171,3 +181,25 @@ def test_clipa_run_smoke_end_to_end(tmp_path):
     report = out.strip().splitlines()[-1].split("report: ")[-1]
     html = open(report).read()
     assert html.count("data:image/png;base64") >= 2 and "finetune_336" in html
+    _check_two_process_steps(workdir, demo)
+
+
+def _check_two_process_steps(workdir, recipe) -> None:
+    """Every step trained as world size 2 with its whole recipe stage; pretraining's weights
+    equal one process on the same global batches."""
+    import torch
+    from clipa_model.config import StageConfig
+    from test_scale import assert_same_weights, one_process_weights
+
+    run = next((workdir / "pipeline_root").glob("clipa-training-*"))
+    for task, name in (("pretrain", "pretrain"), ("finetune", "finetune_224"),
+                       ("finetune-2", "finetune_336")):
+        resolved = json.loads((run / task / "model" / "resolved_config.json").read_text())
+        assert (resolved["world_size"], resolved["procs_per_node"], resolved["nodes"]) == (2, 2, 1)
+        expected = recipe[name].replace(**({"precision": "fp32", "num_workers": 0}
+                                           if name == "pretrain" else {}))
+        assert StageConfig.from_dict(resolved["stage"]) == expected
+    stage = StageConfig.from_dict(
+        json.loads((run / "pretrain" / "model" / "resolved_config.json").read_text())["stage"])
+    got = torch.load(run / "pretrain" / "model" / "checkpoint.pt", weights_only=True)
+    assert_same_weights(got, one_process_weights(str(run / "filter-shard" / "filtered"), stage, 2))

@@ -45,12 +45,16 @@ def _run(tmp_path, capsys, *extra):
 
 
 @pytest.mark.parametrize("param, message", [
-    ("ft224_mask_ratio=1.5", "pipeline parameter ft224_mask_ratio=1.5: expected in [0, 1)"),
-    ("pretrain_samples=-5", "pipeline parameter pretrain_samples=-5: expected positive"),
+    ('stage_overrides={"finetune_224": {"mask_ratio": 1.5}}',
+     "stage_overrides finetune_224: StageConfig.mask_ratio=1.5 for stage 'finetune_224': expected in [0, 1)"),
+    ('stage_overrides={"pretrain": {"samples": -5}}',
+     "StageConfig.samples=-5 for stage 'pretrain': expected positive"),
     ("preset=nope", "pipeline parameter preset='nope': expected one of"),
-    ("ft224_image_size=100", "pipeline parameter ft224_image_size=100: expected a multiple "
-                             "of the patch size 14"),
-    ("ft336_batch_size=1", "pipeline parameter ft336_batch_size=1: expected at least 2"),
+    ('stage_overrides={"finetune_224": {"image_size": 100}}',
+     "stage_overrides finetune_224.image_size (or the recipe's)=100: expected a multiple of the "
+     "patch size 14 (stage finetune_224)"),
+    ('stage_overrides={"finetune_336": {"batch_size": 1}}',
+     "StageConfig.batch_size=1 for stage 'finetune_336': expected at least 2"),
     ("download_image_size=0", "pipeline parameter download_image_size=0: expected at least 1"),
     ("samples_per_shard=0", "pipeline parameter samples_per_shard=0: expected at least 1"),
     ("download_allow_networks=intranet", "download_allow_networks: allow_networks entry 'intranet'"),
@@ -76,7 +80,7 @@ def test_bad_eval_sets_stop_the_run_before_any_step(tmp_path, capsys, data, eval
 
 def test_a_good_run_passes_and_resolves_every_stage(data):
     stages = preflight({"url_list": str(data / "urls.parquet"), "eval_set": str(data / "eval_set"),
-                        "ft336_image_size": 336, "ft224_mask_ratio": 0.5})
+                        "stage_overrides": {"finetune_224": {"mask_ratio": 0.5}}})
     assert [(s.stage, s.image_size) for s in stages] == [
         ("pretrain", 84), ("finetune_224", 224), ("finetune_336", 336)]
     assert stages[1].mask_ratio == 0.5
@@ -91,11 +95,12 @@ def test_stage_check_takes_resolved_configs_and_a_preset():
 
 def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--workdir",
-                           str(tmp_path / "run"), "--param", "ft224_mask_ratio=1.5"],
+                           str(tmp_path / "run"), "--param",
+                           'stage_overrides={"finetune_224": {"image_size": 100}}'],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if "Warning" not in ln and ln.strip()
              and "check_for_updates" not in ln]
-    assert lines == ["clipa: error: pipeline parameter ft224_mask_ratio=1.5: expected in "
-                     "[0, 1) (stage finetune_224)"], proc.stderr
+    assert lines == ["clipa: error: stage_overrides finetune_224.image_size (or the recipe's)=100: "
+                     "expected a multiple of the patch size 14 (stage finetune_224)"], proc.stderr
     assert "Traceback" not in proc.stderr

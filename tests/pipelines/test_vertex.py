@@ -20,6 +20,7 @@ from google.cloud import aiplatform
 from google.cloud.aiplatform import initializer
 from google.cloud.aiplatform.utils import resource_manager_utils
 
+from clipa_model import recipes
 from gcs_emulator import start_emulator
 from pipelines.cli import main
 from pipelines.schedule import cron_with_time_zone, validate_cron
@@ -76,7 +77,8 @@ def _submit_args(*extra):
 
 def test_submit_sends_the_placed_pipeline(vertex, capsys, caplog):
     state, _ = vertex
-    rc = main(_submit_args("--param", "pretrain_samples=5000", "--param", "ft224_lr=0.0002",
+    overrides = {"pretrain": {"samples": 5000}, "finetune_224": {"lr": 0.0002}}
+    rc = main(_submit_args("--param", "stage_overrides=" + json.dumps(overrides),
                            "--service-account", SA, "--network", NETWORK, "--label", "team=vision",
                            "--label", "run=nightly", "--no-caching", "--train-image", "reg/train:3",
                            "--job-id", "clipa-test-1"))
@@ -87,8 +89,11 @@ def test_submit_sends_the_placed_pipeline(vertex, capsys, caplog):
     job = req.body
     rc_ = job["runtimeConfig"]
     assert rc_["gcsOutputDirectory"] == "gs://bkt/root"
-    assert rc_["parameterValues"] == {"url_list": "gs://bkt/urls.parquet", "eval_set": "gs://bkt/eval_set",
-                                      "pretrain_samples": 5000, "ft224_lr": 0.0002}
+    values = rc_["parameterValues"]
+    assert values.pop("recipe") == json.dumps(recipes.DEMO.to_dict(), sort_keys=True)  # carried whole
+    assert values == {"url_list": "gs://bkt/urls.parquet", "eval_set": "gs://bkt/eval_set",
+                      "stage_overrides": overrides, "seed": recipes.DEMO.seed,
+                      "download_image_size": recipes.DEMO.image_px}
     assert job["serviceAccount"] == SA and job["network"] == NETWORK
     assert job["labels"] == {"team": "vision", "run": "nightly"}
     spec = job["pipelineSpec"]
@@ -177,7 +182,8 @@ def test_unknown_param_fails_before_anything_is_sent(vertex, capsys):
 
 
 @pytest.mark.parametrize("param, message", [
-    ("ft224_mask_ratio=1.5", "pipeline parameter ft224_mask_ratio=1.5: expected in [0, 1)"),
+    ('stage_overrides={"finetune_224": {"mask_ratio": 1.5}}', "StageConfig.mask_ratio=1.5 for stage "
+                                                              "'finetune_224': expected in [0, 1)"),
     ("preset=nope", "pipeline parameter preset='nope'"),
     ("eval_set=gs://bkt/missing", "eval_set: gs://bkt/missing: not found"),
     ("url_list=gs://bkt/missing.parquet", "url_list: gs://bkt/missing.parquet: URL list not found"),
@@ -229,11 +235,37 @@ def test_schedule_create_list_pause_resume_delete(vertex, capsys):
     assert state.of("DELETE", "/schedules/1") and name not in state.schedules
 
 
+def test_submit_dry_run_carries_the_whole_recipe(vertex, capsys, tmp_path):
+    state, _ = vertex
+    assert main([*_submit_args("--recipe", "paper_h14", "--nodes", "2"), "--dry-run"]) == 0
+    job = json.loads(capsys.readouterr().out)["pipelineJob"]
+    assert state.requests == []
+    sent = json.loads(job["runtimeConfig"]["parameterValues"]["recipe"])
+    for name, stage in recipes.PAPER_H14.items():  # every field of every stage, as JSON
+        assert sent["stages"][name] == json.loads(json.dumps(stage.to_dict()))
+    assert sent["preset"] == "H/14" and recipes.load_recipe(json.dumps(sent)) == recipes.PAPER_H14
+    pools = job["pipelineSpec"]["components"]["comp-pretrain"]["inputDefinitions"]["parameters"][
+        "worker_pool_specs"]["defaultValue"]
+    assert [p["replica_count"] for p in pools] == [1, 1]
+    # A local recipe file travels as its content; a bad override stops before anything is sent.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: paper_h14\nstages:\n  pretrain: {accum_steps: 8}\n")
+    assert main([*_submit_args("--recipe", str(mine)), "--dry-run"]) == 0
+    values = json.loads(capsys.readouterr().out)["pipelineJob"]["runtimeConfig"]["parameterValues"]
+    assert recipes.load_recipe(values["recipe"])["pretrain"].accum_steps == 8
+    assert main([*_submit_args("--recipe", "paper_h14", "--param",
+                               'stage_overrides={"pretrain": {"acum_steps": 8}}')]) == 2
+    assert "unknown StageConfig field(s) ['acum_steps']" in capsys.readouterr().err
+    assert state.requests == []
+
+
 def test_component_runs_alone_on_vertex(vertex, capsys):
     state, _ = vertex
+    overrides = {"finetune_336": {"samples": 2048, "mask_ratio": 0.5}}
     assert main(["component", "run", "finetune", *WHERE, "--input", "data=gs://bkt/filtered",
-                 "--input", "init_model=gs://bkt/pretrain/model", "--param", "samples=2048",
-                 "--param", "mask_ratio=0.5", "--output-uri", "gs://bkt/reruns",
+                 "--input", "init_model=gs://bkt/pretrain/model", "--recipe", "paper_h14",
+                 "--param", "stage=finetune_336", "--param", "stage_overrides=" + json.dumps(overrides),
+                 "--output-uri", "gs://bkt/reruns", "--nodes", "2",
                  "--placement", "a2-ultragpu-8g", "--service-account", SA]) == 0
     (req,) = state.of("POST", "/pipelineJobs")
     job = req.body
@@ -245,11 +277,14 @@ def test_component_runs_alone_on_vertex(vertex, capsys):
             for n, t in tasks.items() if n.startswith("importer")}
     assert uris == {"gs://bkt/filtered", "gs://bkt/pretrain/model"}
     params = tasks["finetune"]["inputs"]["parameters"]
-    assert params["samples"]["runtimeValue"]["constant"] == 2048
-    assert params["mask_ratio"]["runtimeValue"]["constant"] == 0.5
-    (pool,) = spec["components"]["comp-finetune"]["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
-    assert pool["machine_spec"] == {"machine_type": "a2-ultragpu-8g", "accelerator_type": "NVIDIA_A100_80GB",
-                                    "accelerator_count": 8}
+    assert params["stage_overrides"]["runtimeValue"]["constant"] == overrides
+    recipe = params["recipe"]["runtimeValue"]["constant"]  # the whole recipe, as JSON text
+    assert recipes.load_recipe(recipe) == recipes.PAPER_H14
+    pools = spec["components"]["comp-finetune"]["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+    assert [p["replica_count"] for p in pools] == [1, 1]  # --nodes 2: workerpool0 + workerpool1
+    for pool in pools:
+        assert pool["machine_spec"] == {"machine_type": "a2-ultragpu-8g",
+                                        "accelerator_type": "NVIDIA_A100_80GB", "accelerator_count": 8}
     assert capsys.readouterr().out.strip().endswith(f"?project={PROJECT}")
 
 
