@@ -3,8 +3,8 @@
 The model is a Model artifact of this project (``clipa_model.checkpoint.load_model``),
 run at its own image size, text length and normalisation, like ``components.evaluate``.
 DataComp's CLIP-score filters keep pairs above a threshold or the top fraction; the
-scores computed here feed ``plan_shards``, which applies either rule over the whole
-dataset.
+scores computed here feed the plan (``components.filter_shard.plan``), which applies
+either rule over the whole dataset.
 """
 from __future__ import annotations
 

@@ -4,12 +4,12 @@
   each member's bytes lie) and tells a complete tar from a truncated one;
 * ``check_sample`` checks one sample (names, caption, JSON, image header) and returns why
   it is dropped (or None);
-* ``plan_shards`` drops duplicates (image bytes, URL, key) and low CLIP scores, and orders
-  the survivors into output shards;
 * ``read_spans`` reads a planned sample back from its tar without parsing the tar again;
 * ``write_shard_tar`` writes one output shard, byte-identical for the same samples.
 
-The Beam pipeline (``components.filter_shard.beam_graph``) only moves these values around.
+Dedup, the CLIP-score cut and the output plan, which need more than one sample, live in
+``components.filter_shard.plan``; the Beam pipeline (``components.filter_shard.beam_graph``)
+moves these values around.
 """
 from __future__ import annotations
 
@@ -97,8 +97,8 @@ class Verdict(NamedTuple):
 class SampleInfo(NamedTuple):
     """What the shard plan needs of a sample that passed the per-sample checks.
 
-    ``(source, position)`` tells apart samples that share a key. About 0.4 kB in memory
-    (the plan holds one per kept sample on one worker: ~4 GB per 10 M samples).
+    ``(source, position)`` tells apart samples that share a key. About 0.4 kB in memory;
+    a worker holds those of one dedup bucket or one input tar at a time.
     """
     source: int  # index of the input tar
     position: int  # sample number in that tar
@@ -112,7 +112,7 @@ class SampleInfo(NamedTuple):
 
 
 class ShardSlot(NamedTuple):
-    """Where ``plan_shards`` puts a kept sample."""
+    """Where the plan puts a kept sample."""
     shard: int
     rank: int  # position in the output shard
     info: SampleInfo
@@ -263,72 +263,12 @@ def sample_info(source: int, position: int, sample: TarSample, verdict: Verdict,
                       sort_order(seed, sample.key), pack_spans(sample.spans, ext), ext)
 
 
-def _drop_duplicates(records: list[SampleInfo], cfg: FilterConfig, dropped: dict) -> list:
-    """First of each image / URL / key in (key, source, position) order stays."""
-    seen_sha, seen_url, seen_key, kept = set(), set(), set(), []
-    for info in sorted(records, key=lambda r: (r.key, r.source, r.position)):
-        if cfg.dedup_sha256 and info.sha256 in seen_sha:
-            dropped["duplicate_sha256"] += 1
-        elif cfg.dedup_url and info.url_hash and info.url_hash in seen_url:
-            dropped["duplicate_url"] += 1
-        elif info.key in seen_key:
-            # Output keys must be unique: webdataset would merge the two samples.
-            dropped["duplicate_key"] += 1
-        else:
-            seen_sha.add(info.sha256)
-            seen_url.add(info.url_hash)
-            seen_key.add(info.key)
-            kept.append(info)
-    return kept
-
-
-def _drop_low_scores(kept: list[SampleInfo], cfg: FilterConfig, dropped: dict) -> list:
-    """Apply the CLIP score threshold, then keep the top fraction (ties: smaller key)."""
-    if cfg.clip_min_score is not None:
-        passed = [r for r in kept if r.score >= cfg.clip_min_score]  # NaN (unscored) fails
-        dropped["clip_score"] += len(kept) - len(passed)
-        kept = passed
-    if cfg.clip_top_fraction:
-        n = math.ceil(cfg.clip_top_fraction * len(kept))
-        ranked = sorted(kept, key=lambda r: (-r.score, r.key))
-        dropped["clip_score"] += len(kept) - n
-        kept = ranked[:n]
-    return kept
-
-
-def plan_shards(records: Iterable[SampleInfo], cfg: FilterConfig
-                ) -> tuple[list[ShardSlot], dict[str, int]]:
-    """Drop duplicates and low CLIP scores and place every remaining sample in a shard.
-
-    Runs on metadata only (no image bytes), on all samples at once, so the result does
-    not depend on how the runner split the work.
-
-    Args:
-        records: one ``SampleInfo`` per sample that passed ``check_sample``.
-        cfg: ``dedup_sha256``, ``dedup_url``, the CLIP settings, ``samples_per_shard``.
-    Returns:
-        ``(placements, dropped)``: one ``ShardSlot`` per kept sample, samples sorted by
-        ``order`` (then key) and cut into shards of exactly ``samples_per_shard`` (the
-        last one may be short); ``dropped`` counts ``duplicate_sha256`` (same image
-        bytes: the smallest key stays), ``duplicate_url`` (same URL: likewise),
-        ``duplicate_key`` (same key, other bytes: the first input tar's stays) and
-        ``clip_score``.
-    """
-    dropped = {"duplicate_sha256": 0, "duplicate_url": 0, "duplicate_key": 0, "clip_score": 0}
-    kept = _drop_duplicates(list(records), cfg, dropped)
-    if cfg.clip_scoring:
-        kept = _drop_low_scores(kept, cfg, dropped)
-    kept.sort(key=lambda r: (r.order, r.key))
-    n = cfg.samples_per_shard
-    return [ShardSlot(*divmod(i, n), info) for i, info in enumerate(kept)], dropped
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.tar"
 
 
 def shard_sizes(total: int, samples_per_shard: int) -> list[int]:
-    """``[n, n, ..., remainder]``: how ``plan_shards`` cuts ``total`` samples."""
+    """``[n, n, ..., remainder]``: how the plan cuts ``total`` samples into shards."""
     full, rest = divmod(total, samples_per_shard)
     return [samples_per_shard] * full + ([rest] if rest else [])
 
