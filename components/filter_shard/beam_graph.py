@@ -101,11 +101,14 @@ class CheckShard(beam.DoFn):
     samples before a cut go on.
     """
 
-    def __init__(self, cfg: FilterConfig, buckets: int):
-        self.cfg, self.buckets = cfg, buckets
+    def __init__(self, cfg: FilterConfig, buckets: int, eval_images=None):
+        self.cfg, self.buckets, self.eval_images = cfg, buckets, eval_images
 
     def setup(self):
+        from components.filter_shard.matching import UidList
+
         self.language = _language_identifier() if self.cfg.english_only else None
+        self.uids = UidList.load(self.cfg.uid_list) if self.cfg.uid_list else None
         if self.cfg.clip_scoring:
             from components.filter_shard.clip_score import ClipScorer
 
@@ -120,7 +123,8 @@ class CheckShard(beam.DoFn):
             with _open_for_reading(tar_path) as f:
                 for position, sample in enumerate(iter_tar_samples(f)):
                     read += 1
-                    verdict = check_sample(sample.key, sample.members, self.cfg, self.language)
+                    verdict = check_sample(sample.key, sample.members, self.cfg, self.language,
+                                           self.uids, self.eval_images)
                     if verdict.reason:
                         dropped[verdict.reason] += 1
                         log.debug("%s: %s dropped (%s: %s)", tar_path, sample.key,
@@ -326,13 +330,18 @@ class WriteShard(beam.DoFn):
 
 
 def build_beam_graph(p: beam.Pipeline, tar_paths: list[str], output_dir: str,
-                     cfg: FilterConfig) -> beam.PCollection:
-    """Add the filter_shard transforms to ``p``; returns the (shard name, count) written."""
+                     cfg: FilterConfig, eval_images=None) -> beam.PCollection:
+    """Add the filter_shard transforms to ``p``; returns the (shard name, count) written.
+
+    Args:
+        eval_images: a ``matching.EvalImages`` when ``cfg.decontaminate`` (hashed once,
+            before the run; shipped with the check step: a few MB for an eval set).
+    """
     buckets = max(1, len(tar_paths))  # ~one input tar's metadata per dedup bucket
     checked = (p
                | "TarPaths" >> beam.Create(list(enumerate(tar_paths)))
                | "SpreadChecks" >> beam.Reshuffle()
-               | "CheckShard" >> beam.ParDo(CheckShard(cfg, buckets)))
+               | "CheckShard" >> beam.ParDo(CheckShard(cfg, buckets, eval_images)))
     for level, (reason, _) in enumerate(DEDUP_LEVELS):
         name = reason.split("_", 1)[1].capitalize()
         checked = (checked
