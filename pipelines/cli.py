@@ -3,6 +3,7 @@
     clipa run                       # the whole pipeline on the embedded synthetic default
     clipa run --recipe smoke        # the same, much smaller (about a minute of training)
     clipa run --url-list urls.parquet --eval-set eval_set/   # your own data
+    clipa run --shards 'gs://b/datacomp/shards/*.tar' --eval-set eval_set/  # shards you have
     clipa compile --output pipeline.yaml
     clipa compile --pipeline eval --placement a3-highgpu-8g --train-image IMAGE
     clipa submit --project P --region us-central1 --pipeline-root gs://b/root --param url_list=gs://...
@@ -20,6 +21,8 @@ import time
 
 from clipa_model import recipes
 from components.cli_args import key_value, typed_params
+from pipelines.data_source import (add_download_parallelism_arg, add_shards_args,
+                                   source_from_args)
 from pipelines.placement import add_placement_args, placement_from_args
 
 
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for this run's data and artifacts (default: runs/<timestamp>)")
     run.add_argument("--param", action="append", default=[], type=key_value("--param"), metavar="KEY=VALUE",
                      help="override one pipeline parameter, e.g. --param pretrain_samples=20000 (repeatable)")
+    add_shards_args(run)
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
                           description="Compile the training or the eval pipeline. Without --placement "
@@ -52,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default=None,
                       help="where to write it (default: pipeline.yaml, or eval_pipeline.yaml for --pipeline eval)")
     add_placement_args(comp, default=None)
+    add_download_parallelism_arg(comp)
+    comp.add_argument("--from-shards", action="store_true",
+                      help="compile the variant that starts from existing shards (parameter "
+                           "shards) instead of downloading url_list")
 
     from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
@@ -73,7 +81,8 @@ def cmd_run(args) -> int:
     from pipelines.training_pipeline import clipa_training
 
     overrides = typed_params(args.param, clipa_training.component_spec.inputs)
-    result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides)
+    result = run_local(os.path.abspath(workdir), args.recipe, args.url_list, args.eval_set, overrides,
+                       shards=args.shards, no_filter=args.no_filter)
     print()
     print(format_summary(result.summary))
     print(f"total {result.seconds:.0f}s; report: {result.report_path}")
@@ -83,7 +92,8 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from pipelines.compile import compile_pipeline
 
-    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args))
+    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args),
+                              source_from_args(args))
     print(f"wrote {output}")
     return 0
 

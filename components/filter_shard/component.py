@@ -211,8 +211,8 @@ def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_R
             cannot be read, or every sample dropped.
     """
     cfg = FilterConfig.from_preset(preset, **settings).validate()
-    tar_paths = list_input_shards(input_dir)
     eval_images = _prepare_inputs(cfg)
+    tar_paths = list_input_shards(input_dir)
     _prepare_output(output_dir, input_dir)
 
     start = time.perf_counter()
