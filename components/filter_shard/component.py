@@ -282,6 +282,22 @@ def config_from_parameters(filter_preset: str = "", **params) -> FilterConfig:
     return FilterConfig.from_preset(filter_preset, **settings)
 
 
+def pass_through_outputs(input_dir: str, filtered, stats, report) -> None:
+    """``no_filter``: the KFP outputs of ``existing.pass_through`` (input = kept)."""
+    import os
+
+    from components.filter_shard.existing import pass_through
+
+    result = pass_through(input_dir, filtered.path)
+    for name in ("input", "kept"):
+        stats.log_metric(name, result["count"])
+    os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
+    with open(report.path, "w", encoding="utf-8") as f:
+        f.write(f"<p>no_filter: {result['count']} samples in {len(result['shards'])} "
+                "existing shards, trained on as they are.</p>")
+    filtered.metadata.update(count=result["count"], shards=len(result["shards"]))
+
+
 @clipa_component(DATA_IMAGE)
 def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
                  stats: Output[Metrics], report: Output[HTML],
@@ -318,20 +334,11 @@ def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
 
     from components.clipa_component import DATA_IMAGE
     from components.filter_shard.component import (config_from_parameters, log_metrics,
-                                                    run_filter_shard)
-    from components.filter_shard.existing import pass_through
+                                                    pass_through_outputs, run_filter_shard)
     from components.filter_shard.options import dataflow_options
 
     if no_filter:
-        result = pass_through(shards.path, filtered.path)
-        for name in ("input", "kept"):
-            stats.log_metric(name, result["count"])
-        os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
-        with open(report.path, "w", encoding="utf-8") as f:
-            f.write(f"<p>no_filter: {result['count']} samples in {len(result['shards'])} "
-                    "existing shards, trained on as they are.</p>")
-        filtered.metadata.update(count=result["count"], shards=len(result["shards"]))
-        return
+        return pass_through_outputs(shards.path, filtered, stats, report)
     cfg = config_from_parameters(
         filter_preset, samples_per_shard=samples_per_shard, min_image_side=min_image_side,
         max_aspect_ratio=max_aspect_ratio, min_caption_words=min_caption_words,

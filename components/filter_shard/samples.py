@@ -38,9 +38,9 @@ MEMBERS = ("jpg", "json", "txt")
 _SPANS = struct.Struct("<6Q")
 
 
-def _setting(default, help: str):
+def _setting(default, doc: str):
     """A FilterConfig field with its help text (the command line's, the docs')."""
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": doc})
 
 
 @dataclass(frozen=True)

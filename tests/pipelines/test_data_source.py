@@ -52,12 +52,14 @@ def test_bad_shards_flags_stop_before_any_work(tmp_path, capsys, flags, message)
 
 @pytest.mark.slow
 def test_clipa_run_from_existing_shards_end_to_end(tmp_path):
-    """`clipa run --shards` through kfp.local: import_shards -> filter_shard -> training."""
+    """`clipa run --shards --no-filter` through kfp.local: import_shards -> filter_shard
+    (pass-through) -> training on the tars as they are."""
     shards = write_demo_shards(str(tmp_path / "demo"), 256, seed=3, shard_size=64)
     write_eval_set(str(tmp_path / "eval"), 4, seed=3)
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--recipe", "smoke",
-                           "--shards", shards + "/shard-*.tar", "--eval-set", str(tmp_path / "eval"),
+                           "--shards", shards + "/shard-*.tar", "--no-filter",
+                           "--eval-set", str(tmp_path / "eval"),
                            "--workdir", str(workdir)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -65,5 +67,5 @@ def test_clipa_run_from_existing_shards_end_to_end(tmp_path):
     stages = {s["stage"]: s for s in summary["stages"]}
     assert list(stages)[:2] == ["import_shards", "filter_shard"]
     assert stages["import_shards"]["samples_in"] == 256  # from the shards' sizes.json
-    assert 0 < stages["filter_shard"]["samples_out"] <= 256
+    assert stages["filter_shard"]["samples_out"] == 256 and not stages["filter_shard"]["dropped"]
     assert stages["finetune_336"]["samples_seen"] > 0
