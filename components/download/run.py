@@ -184,18 +184,19 @@ class _ParquetSink:
     def __init__(self, path: str):
         self.path, self.writer, self.file, self.rows = path, None, None, 0
 
-    def write(self, df: pd.DataFrame) -> None:
+    def write(self, rows) -> None:
+        """Append a pandas DataFrame or a pyarrow RecordBatch."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if isinstance(rows, pd.DataFrame):
+            schema = self.writer.schema if self.writer is not None else None
+            rows = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
         if self.writer is None:
-            table = pa.Table.from_pandas(df, preserve_index=False)
             self.file = fsspec.open(self.path, "wb").open()
-            self.writer = pq.ParquetWriter(self.file, table.schema)
-        else:
-            table = pa.Table.from_pandas(df, schema=self.writer.schema, preserve_index=False)
-        self.writer.write_table(table)
-        self.rows += len(df)
+            self.writer = pq.ParquetWriter(self.file, rows.schema)
+        self.writer.write(rows)
+        self.rows += rows.num_rows
 
     def close(self, empty: pd.DataFrame | None = None) -> None:
         if self.writer is None and empty is not None:
@@ -250,13 +251,12 @@ def _cut_parts(plan_dir: str, kept_rows: int, parts: int, samples_per_shard: int
     row = 0
     with fsspec.open(artifacts.join(plan_dir, SCREENED), "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
-            df = batch.to_pandas()
             # split the batch where a part starts (a few cuts per batch at most)
-            cuts = [s - row for s, _ in starts if row < s < row + len(df)]
-            for lo, hi in zip([0, *cuts], [*cuts, len(df)]):
+            cuts = [s - row for s, _ in starts if row < s < row + batch.num_rows]
+            for lo, hi in zip([0, *cuts], [*cuts, batch.num_rows]):
                 part = max(p for s, p in starts if s <= row + lo)
-                sinks[part].write(df.iloc[lo:hi])
-            row += len(df)
+                sinks[part].write(batch.slice(lo, hi - lo))
+            row += batch.num_rows
     for sink in sinks.values():
         sink.close()
     return plan
