@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 KINDS = ("url_list", "shards", "filtered_shards", "model", "eval_set", "evaluation",
          "open_clip_export")
 
+# The extensions an image member of a webdataset sample may have (img2dataset's
+# encode_format, DataComp's and eval sets' shards): every reader checks these, in order.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
 
 class ArtifactError(ValueError):
     """An artifact folder is missing, incomplete, or not of the expected kind."""

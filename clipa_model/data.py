@@ -38,7 +38,9 @@ def list_train_shards(data_dir: str) -> tuple[list[str], int]:
     if total == 0:
         raise ArtifactError(f"{data_dir}: empty dataset (manifest.json 'total' is "
                             f"{manifest.get('total', 0)}); expected at least one sample")
-    return [join(data_dir, s["name"]) for s in shards], total
+    # A name is a file of the folder, or (existing shards trained on unfiltered) a full URL.
+    return [s["name"] if "://" in s["name"] or s["name"].startswith("/") else
+            join(data_dir, s["name"]) for s in shards], total
 
 
 # ---------------------------------------------------------------- image ops

@@ -34,7 +34,10 @@ def build_summary(shards_dir: str, filtered_dir: str, model_dirs: Sequence[str],
     dl = read_marker(shards_dir, "shards")
     fl = read_marker(filtered_dir, "filtered_shards")
     stages = [
-        {"stage": "download", "samples_in": dl["count"], "samples_out": dl["successes"],
+        # Existing shards (import_shards) may not say their size: filter_shard counted them.
+        {"stage": "import_shards" if dl.get("tars") else "download",
+         "samples_in": fl["input_count"] if dl.get("count") is None else dl["count"],
+         "samples_out": fl["input_count"] if dl.get("successes") is None else dl["successes"],
          "seconds": dl.get("seconds"), "failures": dl.get("failures", {})},
         {"stage": "filter_shard", "samples_in": fl["input_count"], "samples_out": fl["count"],
          "seconds": fl.get("seconds"), "dropped": fl.get("dropped", {})},

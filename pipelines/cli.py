@@ -3,6 +3,7 @@
     clipa run                       # the whole pipeline on the embedded synthetic default
     clipa run --recipe smoke        # the same, much smaller (about a minute of training)
     clipa run --url-list urls.parquet --eval-set eval_set/   # your own data
+    clipa run --shards 'gs://b/datacomp/shards/*.tar' --eval-set eval_set/  # shards you have
     clipa compile --output pipeline.yaml
     clipa compile --pipeline eval --placement a3-highgpu-8g --train-image IMAGE
     clipa submit --project P --region us-central1 --pipeline-root gs://b/root --param url_list=gs://...
@@ -21,6 +22,8 @@ import time
 
 from clipa_model import recipes
 from components.cli_args import key_value, typed_params
+from pipelines.data_source import (add_download_parallelism_arg, add_shards_args,
+                                   source_from_args)
 from pipelines.placement import add_placement_args, add_training_job_args, placement_from_args
 
 
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report-to", default=None, metavar="tensorboard,wandb",
                      help="live metrics of the training stages: tensorboard, wandb, both "
                           "comma-separated, or none (default: tensorboard; the report_to parameter)")
+    add_shards_args(run)
 
     comp = sub.add_parser("compile", help="compile a pipeline to KFP IR YAML (what Vertex AI runs)",
                           description="Compile the training or the eval pipeline. Without --placement "
@@ -67,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.training_args import add_recipe_arg
 
     add_recipe_arg(comp, default=None)
+    add_download_parallelism_arg(comp)
+    comp.add_argument("--from-shards", action="store_true",
+                      help="compile the variant that starts from existing shards (parameter "
+                           "shards) instead of downloading url_list")
 
     from pipelines.component_run import add_component_parser
     from pipelines.plan_cli import add_plan_parser
@@ -96,7 +104,7 @@ def cmd_run(args) -> int:
     with _run_log(log_path, args.verbose) as view:
         print(f"clipa run: recipe {args.recipe}, workdir {workdir}; full log: {log_path}", flush=True)
         result = run_local(workdir, args.recipe, args.url_list, args.eval_set, overrides, view,
-                           args.force_long_run)
+                           args.force_long_run, shards=args.shards, no_filter=args.no_filter)
     print()
     print(format_summary(result.summary))
     print(f"exported model (open_clip / Hugging Face Hub folder, model card README.md): {result.export_path}")
@@ -160,7 +168,8 @@ def cmd_compile(args) -> int:
             raise ValueError(f"--recipe: only the training pipeline takes a recipe, not {args.pipeline!r}")
         defaults = pipeline_arguments(recipes.load_recipe(args.recipe), recipe_value(args.recipe, inline=True))
         check_training_parameters(defaults)
-    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args), defaults)
+    output = compile_pipeline(args.output, args.pipeline, placement_from_args(args),
+                              source_from_args(args), defaults)
     print(f"wrote {output}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kfp import compiler
 
+from pipelines.data_source import DataSource, sourcing, with_data_source
 from pipelines.placement import Placement, place_pipeline
 
 PIPELINES = ("training", "eval")
@@ -26,22 +27,32 @@ def get_pipeline(name: str = "training"):
     raise ValueError(f"pipeline {name!r}: unknown; expected one of {PIPELINES}")
 
 
-def placed_pipeline(name: str = "training", placement: Placement | None = None):
-    """Pipeline ``name``, re-traced under ``placement`` when one is given."""
+def placed_pipeline(name: str = "training", placement: Placement | None = None,
+                    source: DataSource | None = None):
+    """Pipeline ``name``, re-traced under ``placement`` and (training) the data ``source``
+    when given."""
     pipeline = get_pipeline(name)
+    if name == "training" and source is not None and source != DataSource():
+        if placement is None:
+            return with_data_source(pipeline, source)
+        with sourcing(source):
+            return place_pipeline(pipeline, placement)
     return pipeline if placement is None else place_pipeline(pipeline, placement)
 
 
 def compile_pipeline(output: str | None = None, pipeline: str = "training",
-                     placement: Placement | None = None, defaults: dict | None = None) -> str:
-    """Compile pipeline ``pipeline`` (under ``placement``, if any) to ``output``; return the path.
+                     placement: Placement | None = None, source: DataSource | None = None,
+                     defaults: dict | None = None) -> str:
+    """Compile pipeline ``pipeline`` (under ``placement`` and data ``source``, if any) to
+    ``output``, with parameter ``defaults`` (e.g. a recipe's) written in; return the path.
 
     ``output`` defaults to the checked-in file of that pipeline (``DEFAULT_OUTPUT``);
     ``defaults`` replace the compiled default values of those pipeline parameters (e.g. a
     recipe's, ``training_args``).
     """
     output = output or DEFAULT_OUTPUT[pipeline]
-    compiler.Compiler().compile(pipeline_func=placed_pipeline(pipeline, placement), package_path=output)
+    compiler.Compiler().compile(pipeline_func=placed_pipeline(pipeline, placement, source),
+                                package_path=output)
     if defaults:
         set_parameter_defaults(output, defaults)
     return output

@@ -414,8 +414,9 @@ def write_filtered_shards(out_dir: str, rows: list[dict], root: str,
     manifest = {"shards": shards, "total": len(rows), "input_count": len(rows), "dropped": {}}
     write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
     write_json_atomic(os.path.join(out_dir, "sizes.json"), {s["name"]: s["count"] for s in shards})
+    # shards: the names, as filter_shard writes them (one format for every writer)
     return write_marker(out_dir, "filtered_shards", count=len(rows), input_count=len(rows),
-                        dropped={}, shards=len(shards), seconds=0.0)
+                        dropped={}, shards=[s["name"] for s in shards], seconds=0.0)
 
 
 def write_demo_shards(root: str, n: int, seed: int = 0, size: int = 256,

@@ -55,15 +55,20 @@ def prepare_demo_data(workdir: str, recipe: recipes.Recipe, seed: int = 0) -> di
     return {"www": www, "samples": samples, "eval_set": eval_dir}
 
 
-def run_pipeline_locally(pipeline_root: str, arguments: dict, view: TextIO | None = None):
-    """Run ``clipa_training`` through kfp.local and return the summary artifact's path.
+def run_pipeline_locally(pipeline_root: str, arguments: dict, view: TextIO | None = None,
+                         source=None):
+    """Run ``clipa_training`` (under data ``source``, if given) through kfp.local and return
+    the summary artifact's path.
 
     Args:
         view: where kfp.local's output goes (a ``console.LiveView``); default: stdout.
     """
     from kfp import local
 
+    from pipelines.data_source import with_data_source
     from pipelines.training_pipeline import clipa_training
+
+    clipa_training = with_data_source(clipa_training, source)
 
     # use_venv=False: every task runs in this interpreter's environment, which already has
     # the package installed, exactly like the component images on Vertex.
@@ -92,7 +97,8 @@ def run_pipeline_locally(pipeline_root: str, arguments: dict, view: TextIO | Non
 
 def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = None,
               eval_set: str | None = None, overrides: dict | None = None,
-              view: TextIO | None = None, force_long_run: bool = False) -> LocalRun:
+              view: TextIO | None = None, force_long_run: bool = False,
+              shards: str | None = None, no_filter: bool = False) -> LocalRun:
     """Run the whole pipeline locally, on the embedded default unless ``url_list`` is given.
 
     Args:
@@ -102,6 +108,9 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
         overrides: pipeline parameters that replace the recipe's.
         view: where kfp.local's output goes (``console.LiveView``); default: stdout.
         force_long_run: run even when ``clipa plan`` prices it above a day of this machine.
+        shards, no_filter: start from existing shards instead of a URL list (checked
+            here, before any work; ``eval_set`` is then required), trained on as they are
+            with ``no_filter``.
     Raises:
         UrlListError: the URL list is missing or malformed (checked before any work).
         ValueError: an unknown recipe or parameter, a URL list without eval set, a stage
@@ -122,10 +131,13 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     arguments = {**pipeline_arguments(recipe, recipe_value(recipe_name)), **(overrides or {})}
     resolved = check_training_parameters(arguments, local=True)
     check_local_budget(resolved, force_long_run)
+    source = _shards_source(shards, no_filter, url_list, eval_set)
+    if source is not None:
+        url_list = ""
     if url_list is None and recipe.n_train <= 0:
         raise ValueError(f"recipe {recipe_name!r} has no embedded demo data (it is a paper-scale "
                          "schedule): give --url-list and --eval-set")
-    if url_list is not None:
+    if url_list:
         read_url_list(url_list)  # fail fast, before anything is generated or started
         if eval_set is None:
             raise ValueError("--eval-set is required with --url-list: the zero-shot eval set "
@@ -148,7 +160,10 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
             # The demo server is on loopback, which the download refuses unless allowed.
             arguments.setdefault("download_allow_networks", DEMO_ALLOW_NETWORKS)
         arguments.update(url_list=url_list, eval_set=eval_set)
-        summary_path = run_pipeline_locally(os.path.join(workdir, "pipeline_root"), arguments, view)
+        if source is not None:
+            arguments.update(shards=shards, no_filter=no_filter)
+        summary_path = run_pipeline_locally(os.path.join(workdir, "pipeline_root"), arguments,
+                                            view, source)
     with open(summary_path) as f:
         summary = json.load(f)
     summary["demo_url_list"] = counts
@@ -156,6 +171,28 @@ def run_local(workdir: str, recipe_name: str = "demo", url_list: str | None = No
     report_path = os.path.join(run_root, "summarize", "report")
     return LocalRun(workdir, summary, summary_path, report_path, counts, time.time() - start,
                     os.path.join(run_root, "export", "exported"))
+
+
+def _shards_source(shards: str | None, no_filter: bool, url_list: str | None,
+                   eval_set: str | None):
+    """The DataSource of --shards (None without), after checking every tar.
+
+    Raises:
+        ValueError: --no-filter without --shards, --shards with --url-list or without
+            --eval-set; ShardsError: nothing matched, or a tar is missing or unreadable.
+    """
+    from components.filter_shard.existing import check_shards, resolve_shards
+    from pipelines.data_source import DataSource
+
+    if not shards:
+        if no_filter:
+            raise ValueError("--no-filter needs --shards: the existing shards to train on")
+        return None
+    if url_list is not None or eval_set is None:
+        raise ValueError("--shards replaces --url-list and needs --eval-set (the zero-shot "
+                         "eval set to score the model on)")
+    check_shards(shards, resolve_shards(shards))
+    return DataSource(from_shards=True)
 
 
 def _start_embedded_default(stack: contextlib.ExitStack, workdir: str, recipe,

@@ -20,18 +20,19 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset
 
 from clipa_model import recipes
-from components.download.pipeline import download
 from components.evaluate import evaluate
 from components.export import export
 from components.filter_shard.component import filter_shard
+from components.filter_shard.existing import import_shards
 from components.run_report import summarize
 from components.train import finetune, pretrain
+from pipelines import data_source
 from pipelines.placement import PlacedStep
 from pipelines.publish import register_model
 
 # Steps follow the placement active at compile time (pipelines/placement.py); compiled as
-# they are (pipeline.yaml, clipa run) each one is its plain component.
-download = PlacedStep("download", download)
+# they are (pipeline.yaml, clipa run) each one is its plain component. The data source
+# step (download or import_shards) is placed as "download" where the pipeline is traced.
 filter_shard = PlacedStep("filter_shard", filter_shard)
 pretrain = PlacedStep("pretrain", pretrain)
 finetune = PlacedStep("finetune", finetune)
@@ -70,6 +71,11 @@ def clipa_training(
     min_image_side: int = 64,
     max_aspect_ratio: float = 3.0,
     min_caption_words: int = 3,
+    filter_preset: str = "",
+    uid_list: str = "",
+    decontaminate: str = "",
+    shards: str = "",
+    no_filter: bool = False,
     recipe: str = "demo",
     stage_overrides: dict = {},
     init_model: str = "",
@@ -99,6 +105,12 @@ def clipa_training(
             e.g. {"pretrain": {"samples": 2000, "accum_steps": 4}}.
         init_model: start pretraining from this model instead of a fresh one: a Model
             artifact folder or open_clip:NAME:FILE ("" = a fresh ``preset`` model).
+        samples_per_shard ... decontaminate: filter_shard's settings (FilterConfig);
+            filter_preset "datacomp_basic" is DataComp's basic filter, uid_list keeps the
+            uids of a DataComp subset, decontaminate names an eval set to keep out.
+        shards, no_filter: in a pipeline compiled from shards (``clipa run|submit
+            --shards``; ``pipelines/data_source.py``), the existing shards used instead of
+            url_list, and whether to train on them as they are.
         train_loader_workers, train_torch_threads: data loader processes and torch threads
             (0 = all cores) of each training process (-1 = the recipe's); a GPU machine
             wants e.g. 8 workers per GPU and 0 threads.
@@ -121,15 +133,22 @@ def clipa_training(
     Returns:
         The run summary (JSON); its HTML twin is the ``summarize`` task's report.
     """
-    # download_parts parallel tasks; download_allow_networks lifts the URL-safety refusal
-    # for given networks (the local demo passes its loopback server's 127.0.0.1/32).
-    dl = download(url_list=url_list, image_size=download_image_size, parts=download_parts,
-                  allow_networks=download_allow_networks,
-                  processes=download_processes, threads=download_threads,
-                  samples_per_shard=samples_per_shard)
-    flt = filter_shard(shards=dl.outputs["shards"], samples_per_shard=samples_per_shard,
+    source = data_source.active()  # a compile-time choice (pipelines/data_source.py)
+    if source.from_shards:
+        src = PlacedStep("download", import_shards)(uri=shards)
+        src.set_display_name("import-shards")
+    else:
+        # download_parts parallel tasks; download_allow_networks lifts the URL-safety refusal
+        # for given networks (the local demo passes its loopback server's 127.0.0.1/32).
+        src = PlacedStep("download", data_source.download_step())(
+            url_list=url_list, image_size=download_image_size, parts=download_parts,
+            allow_networks=download_allow_networks, processes=download_processes,
+            threads=download_threads, samples_per_shard=samples_per_shard)
+    flt = filter_shard(shards=src.outputs["shards"], samples_per_shard=samples_per_shard,
                        min_image_side=min_image_side, max_aspect_ratio=max_aspect_ratio,
-                       min_caption_words=min_caption_words, seed=seed)
+                       min_caption_words=min_caption_words, seed=seed,
+                       filter_preset=filter_preset, uid_list=uid_list,
+                       decontaminate=decontaminate, no_filter=no_filter)
     evalset = dsl.importer(artifact_uri=eval_set, artifact_class=Dataset, reimport=False)
     evalset.set_display_name("eval-set")
     data = flt.outputs["filtered"]
@@ -158,7 +177,7 @@ def clipa_training(
         evals.append(ev)
 
     summary = summarize(
-        shards=dl.outputs["shards"], filtered=data,
+        shards=src.outputs["shards"], filtered=data,
         pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
         finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
         finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"])
@@ -166,7 +185,7 @@ def clipa_training(
         pretrain_model=pre.outputs["model"], finetune_224_model=f224.outputs["model"],
         finetune_336_model=f336.outputs["model"], pretrain_eval=evals[0].outputs["metrics"],
         finetune_224_eval=evals[1].outputs["metrics"], finetune_336_eval=evals[2].outputs["metrics"],
-        shards=dl.outputs["shards"], filtered=data, eval_set=evalset.output, name=export_name,
+        shards=src.outputs["shards"], filtered=data, eval_set=evalset.output, name=export_name,
         repo_id=export_repo_id)
     with dsl.If(registry_serving_image != "", name="register-model"):
         register_model(exp, registry_serving_image)

@@ -162,6 +162,10 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     from pipelines.training_args import add_recipe_arg
 
     add_recipe_arg(sub, default=None)
+    from pipelines.data_source import add_download_parallelism_arg, add_shards_args
+
+    add_shards_args(sub)
+    add_download_parallelism_arg(sub)
     sub.add_argument("--dataflow", action="store_true",
                      help="run filter_shard's Beam pipeline on Dataflow (in --project/--region, temp files "
                           "under PIPELINE_ROOT/dataflow-tmp, workers on the data image)")
@@ -185,7 +189,13 @@ def run_submit(args) -> int:
 
     target = target_from_args(args)
     pipeline = get_pipeline("training")
-    values = typed_params(args.param, pipeline.component_spec.inputs)
+    from pipelines.data_source import shards_arguments, source_from_args
+
+    source = source_from_args(args)
+    if args.shards:  # fail here when nothing matches (each tar is checked by import_shards)
+        from components.filter_shard.existing import resolve_shards
+        resolve_shards(args.shards)
+    values = {**shards_arguments(args), **typed_params(args.param, pipeline.component_spec.inputs)}
     check_parameters(pipeline, values)
     from pipelines.training_args import recipe_parameters
 
@@ -200,7 +210,8 @@ def run_submit(args) -> int:
                                   f"{target.pipeline_root}/dataflow-tmp", args.dataflow_machine_type,
                                   args.dataflow_max_workers)
     with tempfile.TemporaryDirectory(prefix="clipa-submit-") as tmp:
-        template = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), "training", placement)
+        template = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), "training", placement,
+                                    source)
         init_vertex(target, dry_run=args.dry_run)
         job = build_job(template, target, values, args.display_name or pipeline.name, args.job_id)
     if args.dry_run:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipa_model.artifacts import ArtifactError, has_marker, join, read_json, read_marker
+from clipa_model.artifacts import (IMAGE_EXTS, ArtifactError, has_marker, join, read_json,
+                                   read_marker)
 from clipa_model.preprocess import Preprocess
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _WNID = re.compile(r"^n\d{8}$")
 
 

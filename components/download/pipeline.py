@@ -1,6 +1,6 @@
 """``download`` as one pipeline step: split the URL list, N parallel downloads, merge.
 
-    split_url_list -> ParallelFor(parts, parallelism=PARALLELISM) download_part -> merge_download
+    split_url_list -> ParallelFor(parts, parallelism=N) download_part -> merge_download
 
 A sub-pipeline, so the training pipeline sees one ``download`` task whose ``shards``
 output feeds ``filter_shard``; Vertex draws it as a group to open. With ``parts=1`` it
@@ -12,6 +12,7 @@ throughput grows with ``parts`` until the sites or the bandwidth give out. This 
 not imported inside component containers (it defines a pipeline, not components).
 """
 # No `from __future__ import annotations`: kfp reads the annotations as types.
+import contextvars
 from typing import NamedTuple
 
 from kfp import dsl
@@ -20,8 +21,12 @@ from kfp.dsl import Dataset
 from components.download.component import download_part, merge_download, split_url_list
 from components.download.options import DownloadOptions
 
-# Most part tasks running at once (a compile-time constant in KFP). Vertex queues the rest.
+# Most part tasks running at once by default; Vertex queues the rest. KFP fixes it at
+# compile time: ``make_download(N)`` re-traces the sub-pipeline with another value
+# (``clipa compile|submit --download-parallelism N``).
 PARALLELISM = 16
+_PARALLELISM: contextvars.ContextVar[int] = contextvars.ContextVar("download_parallelism",
+                                                                   default=PARALLELISM)
 
 
 class DownloadOutputs(NamedTuple):
@@ -63,8 +68,26 @@ def download(
     # Every DownloadOptions field but samples_per_shard (the split fixed it) goes to the parts.
     options = {name: value for name, value in locals().items()
                if name in DownloadOptions.__dataclass_fields__ and name != "samples_per_shard"}
-    with dsl.ParallelFor(split.outputs["Output"], parallelism=PARALLELISM) as part:
+    with dsl.ParallelFor(split.outputs["Output"], parallelism=_PARALLELISM.get()) as part:
         task = download_part(url_parts=split.outputs["url_parts"], part=part, **options)
     merged = merge_download(url_parts=split.outputs["url_parts"],
                             parts=dsl.Collected(task.outputs["shards"]))
     return DownloadOutputs(shards=merged.outputs["shards"])
+
+
+def make_download(parallelism: int = PARALLELISM):
+    """The ``download`` sub-pipeline with at most ``parallelism`` parts running at once.
+
+    Raises:
+        ValueError: ``parallelism`` below 1.
+    """
+    if parallelism < 1:
+        raise ValueError(f"download parallelism={parallelism}; expected at least 1")
+    if parallelism == PARALLELISM:
+        return download
+    token = _PARALLELISM.set(parallelism)
+    try:
+        return dsl.pipeline(name=download.component_spec.name,
+                            description=download.component_spec.description)(download.pipeline_func)
+    finally:
+        _PARALLELISM.reset(token)

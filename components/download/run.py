@@ -32,7 +32,7 @@ import pandas as pd
 from clipa_model import artifacts
 from components.download.options import DownloadOptions
 from components.download.stats import download_result, render_report, summarize_stats
-from components.download.url_list import read_url_list
+from components.download.url_list import BATCH_ROWS, UrlListError, iter_url_batches, read_url_list
 from components.download.url_safety import parse_allow_list, screen_url
 
 log = logging.getLogger("clipa.download")
@@ -42,6 +42,7 @@ REFUSED = "refused.parquet"
 # The job a folder belongs to (JSON), written before any shard. Not *.json: img2dataset
 # takes every *.json at the folder root for a shard's stats.
 FINGERPRINT = "download_job.fingerprint"
+SCREENED = "screened.parquet"  # split_url_list's temporary: the kept rows, in list order
 
 
 def screen(df: pd.DataFrame, allow_networks: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -229,11 +230,98 @@ def run_download(url_list: str, output_dir: str, *, url_col: str = "url",
 # Parts: split, download each, merge
 
 
+class _ParquetSink:
+    """Rows appended batch by batch to one parquet file (opened at the first rows)."""
+
+    def __init__(self, path: str):
+        self.path, self.writer, self.file, self.rows = path, None, None, 0
+
+    def write(self, rows) -> None:
+        """Append a pandas DataFrame or a pyarrow RecordBatch."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if isinstance(rows, pd.DataFrame):
+            schema = self.writer.schema if self.writer is not None else None
+            rows = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+        if self.writer is None:
+            self.file = fsspec.open(self.path, "wb").open()
+            self.writer = pq.ParquetWriter(self.file, rows.schema)
+        self.writer.write(rows)
+        self.rows += rows.num_rows
+
+    def close(self, empty: pd.DataFrame | None = None) -> None:
+        if self.writer is None and empty is not None:
+            _write_parquet(empty, self.path)  # no rows: an empty table of these columns
+        if self.writer is not None:
+            self.writer.close()
+            self.file.close()
+
+
+def _screen_stream(url_list: str, plan_dir: str, url_col: str, caption_col: str,
+                   allow_networks: str) -> tuple[int, int, Counter, dict]:
+    """Pass 1: screen the list batch by batch into ``screened.parquet`` and ``refused.parquet``.
+
+    Returns:
+        (rows read, rows kept, refusals by reason, one example per reason).
+    """
+    kept_sink = _ParquetSink(artifacts.join(plan_dir, SCREENED))
+    refused_sink = _ParquetSink(artifacts.join(plan_dir, REFUSED))
+    count, counts, examples = 0, Counter(), {}
+    for df in iter_url_batches(url_list, url_col=url_col, caption_col=caption_col,
+                               batch_rows=BATCH_ROWS):
+        count += len(df)
+        kept, bad = screen(df, allow_networks)
+        if len(kept):
+            kept_sink.write(kept)
+        if len(bad):
+            refused_sink.write(bad)
+            batch_counts, batch_examples = _refusals(bad)
+            counts.update(batch_counts)
+            examples = {**batch_examples, **examples}  # the first example of each reason
+    kept_sink.close()
+    refused_sink.close(empty=pd.DataFrame(columns=["url", "reason", "note"]))
+    if count == 0:
+        raise UrlListError(f"{url_list}: URL list is empty (no rows); expected at least one URL")
+    return count, kept_sink.rows, counts, examples
+
+
+def _cut_parts(plan_dir: str, kept_rows: int, parts: int, samples_per_shard: int) -> list[dict]:
+    """Pass 2: stream ``screened.parquet`` into ``part-NNNNN.parquet`` on shard boundaries."""
+    import pyarrow.parquet as pq
+
+    total_shards = -(-kept_rows // samples_per_shard)
+    bounds = [total_shards * i // parts for i in range(parts + 1)]
+    plan = [{"part": i, "first_shard": bounds[i], "shards": bounds[i + 1] - bounds[i],
+             "rows": min(bounds[i + 1] * samples_per_shard, kept_rows) - bounds[i] * samples_per_shard}
+            for i in range(parts) if bounds[i + 1] > bounds[i]]
+    if not plan:
+        return plan
+    sinks = {p["part"]: _ParquetSink(artifacts.join(plan_dir, f"part-{p['part']:05d}.parquet"))
+             for p in plan}
+    starts = [(p["first_shard"] * samples_per_shard, p["part"]) for p in plan]
+    row = 0
+    with fsspec.open(artifacts.join(plan_dir, SCREENED), "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+            # split the batch where a part starts (a few cuts per batch at most)
+            cuts = [s - row for s, _ in starts if row < s < row + batch.num_rows]
+            for lo, hi in zip([0, *cuts], [*cuts, batch.num_rows]):
+                part = max(p for s, p in starts if s <= row + lo)
+                sinks[part].write(batch.slice(lo, hi - lo))
+            row += batch.num_rows
+    for sink in sinks.values():
+        sink.close()
+    return plan
+
+
 def split_url_list(url_list: str, plan_dir: str, *, parts: int = 1,
                    samples_per_shard: int = 1000, url_col: str = "url",
                    caption_col: str = "caption", allow_networks: str = "") -> list[int]:
-    """Screen a URL list once and cut it into ``parts`` on shard boundaries.
+    """Screen a URL list once and cut it into ``parts`` on shard boundaries, streamed.
 
+    The list is read batch by batch (``url_list.iter_url_batches``: pyarrow, by row group
+    or block), screened into a temporary ``screened.parquet``, then cut into parts from
+    that file: memory does not grow with the list (bench/bench_filter_scale.py).
     Writes ``part-NNNNN.parquet`` per part, ``refused.parquet``, ``plan.json`` and a
     ``url_list`` marker to ``plan_dir``.
 
@@ -241,33 +329,27 @@ def split_url_list(url_list: str, plan_dir: str, *, parts: int = 1,
         The indices of the parts that hold rows (fewer than ``parts`` for a short list).
 
     Raises:
-        UrlListError, ValueError: before any work, for a bad list or settings.
+        UrlListError, ValueError: before any download, for a bad list or settings.
     """
     if parts < 1 or samples_per_shard < 1:
         raise ValueError(f"parts={parts}, samples_per_shard={samples_per_shard}; expected >= 1")
     parse_allow_list(allow_networks)
-    df = read_url_list(url_list, url_col=url_col, caption_col=caption_col)
-    kept, refused = screen(df, allow_networks)
-    total_shards = -(-len(kept) // samples_per_shard)
-    bounds = [total_shards * i // parts for i in range(parts + 1)]
-    plan = []
-    for i in range(parts):
-        first, end = bounds[i], bounds[i + 1]
-        if end > first:
-            rows = kept.iloc[first * samples_per_shard:end * samples_per_shard]
-            _write_parquet(rows, artifacts.join(plan_dir, f"part-{i:05d}.parquet"))
-            plan.append({"part": i, "first_shard": first, "shards": end - first,
-                         "rows": len(rows)})
-    _write_parquet(refused, artifacts.join(plan_dir, REFUSED))
-    counts, examples = _refusals(refused)
-    info = {"url_list": str(url_list), "count": len(df), "refused": counts,
+    fs, root = fsspec.core.url_to_fs(str(plan_dir))
+    fs.makedirs(root, exist_ok=True)
+    count, kept_rows, counts, examples = _screen_stream(url_list, plan_dir, url_col,
+                                                        caption_col, allow_networks)
+    plan = _cut_parts(plan_dir, kept_rows, parts, samples_per_shard)
+    screened = fsspec.core.url_to_fs(artifacts.join(plan_dir, SCREENED))[1]
+    if fs.exists(screened):
+        fs.rm(screened)
+    info = {"url_list": str(url_list), "count": count, "refused": dict(counts),
             "refused_examples": examples, "parts": plan, "samples_per_shard": samples_per_shard,
             "url_col": url_col, "caption_col": caption_col, "allow_networks": allow_networks}
     artifacts.write_json_atomic(artifacts.join(plan_dir, PLAN), info)
-    artifacts.write_marker(plan_dir, "url_list", count=len(df), refused=sum(counts.values()),
+    artifacts.write_marker(plan_dir, "url_list", count=count, refused=sum(counts.values()),
                            parts=len(plan))
-    log.info("%s: %d rows, %d refused, %d parts of %d shards", url_list, len(df),
-             len(refused), len(plan), total_shards)
+    log.info("%s: %d rows, %d refused, %d parts of %d shards", url_list, count,
+             sum(counts.values()), len(plan), sum(p["shards"] for p in plan))
     return [p["part"] for p in plan]
 
 

@@ -195,3 +195,134 @@ def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption")
         raise UrlListError(f"{path}: URL list is empty ({len(files)} file(s), columns "
                            f"{_describe_columns(df.columns)}, no rows); expected at least one URL")
     return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming: batches of a URL list, never the whole list in memory
+
+BATCH_ROWS = 65_536  # rows per batch while streaming a list
+
+
+def _first_line(path: str) -> str:
+    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
+        return f.readline()
+
+
+def _csv_reader(f, path: str, fmt: str):
+    """A streaming pyarrow CSV reader whose every column is text (like ``dtype=str``)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    sep = "," if fmt == "csv" else "\t"
+    header = pcsv.read_csv(io.BytesIO(_first_line(path).encode()),
+                           parse_options=pcsv.ParseOptions(delimiter=sep)).column_names
+    return pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 22),
+                         parse_options=pcsv.ParseOptions(delimiter=sep),
+                         convert_options=pcsv.ConvertOptions(
+                             column_types={c: pa.string() for c in header}))
+
+
+def _arrow_batches(path: str, fmt: str, batch_rows: int):
+    """pyarrow RecordBatches of one file, read as a stream (a JSON array: whole, as
+    pandas does; it has no streaming form)."""
+    import pyarrow as pa
+    import pyarrow.json as pjson
+    import pyarrow.parquet as pq
+
+    if fmt == "json" and _first_line(path).lstrip().startswith("["):
+        yield from pa.Table.from_pandas(_read_table(path, fmt), preserve_index=False).to_batches(batch_rows)
+        return
+    with fsspec.open(path, "rb", compression=None if fmt == "parquet" else "infer") as f:
+        if fmt == "parquet":
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+        elif fmt in ("csv", "tsv"):
+            for batch in _csv_reader(f, path, fmt):
+                yield from pa.Table.from_batches([batch]).to_batches(batch_rows)
+        else:
+            for batch in pjson.open_json(f, read_options=pjson.ReadOptions(block_size=1 << 22)):
+                yield from pa.Table.from_batches([batch]).to_batches(batch_rows)
+
+
+def _file_types(path: str, fmt: str) -> dict:
+    """Column -> arrow type of one file, from its metadata (parquet), header (csv: text)
+    or first batch (json)."""
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        with fsspec.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    else:
+        schema = next(_arrow_batches(path, fmt, 1024)).schema
+    return {name: schema.field(name).type for name in schema.names}
+
+
+def _unified_types(files: list[str], url_col: str, caption_col: str) -> dict:
+    """Column -> arrow type over all files; a column typed differently across files or
+    missing from some becomes text (as ``_concat`` does for a list read whole).
+
+    Raises:
+        UrlListError: naming the first file without ``url_col`` or ``caption_col``.
+    """
+    import pyarrow as pa
+
+    per_file = []
+    for file in files:
+        try:
+            types = _file_types(file, url_list_format(file))
+        except (OSError, ValueError, StopIteration) as e:
+            raise UrlListError(f"{file}: cannot read ({type(e).__name__}: {str(e)[:200]}); "
+                               f"expected a {url_list_format(file)} table") from None
+        for col, what in ((url_col, "image URLs"), (caption_col, "captions")):
+            if col not in types:
+                raise UrlListError(f"{file}: no {col!r} column for {what}; found columns "
+                                   f"{_describe_columns(list(types))}. Pass url_col=/"
+                                   "caption_col= to name yours")
+        per_file.append(types)
+    names = list(dict.fromkeys(n for types in per_file for n in types))
+    return {n: (per_file[0][n] if all(t.get(n) == per_file[0].get(n) for t in per_file)
+                else pa.string()) for n in names}
+
+
+def _as_unified(df: pd.DataFrame, types: dict, renamed: dict) -> pd.DataFrame:
+    """A batch with every column of the list, text columns as str ("" where missing)."""
+    import pyarrow as pa
+
+    for name, kind in types.items():
+        col = renamed.get(name, name)
+        if col in ("url", "caption"):
+            continue
+        if col not in df.columns:
+            df[col] = ""
+        elif kind == pa.string():
+            df[col] = [("" if v is None or v != v else str(v)) for v in df[col]]
+    return df
+
+
+def iter_url_batches(path: str, url_col: str = "url", caption_col: str = "caption",
+                     batch_rows: int = BATCH_ROWS):
+    """The rows of a URL list as pandas batches of at most ``batch_rows``, streamed.
+
+    Same checks and columns as ``read_url_list`` (``url``, ``caption`` and every other
+    column, typed alike across files), but memory grows with ``batch_rows``, not with the
+    list: parquet is read by row group, csv / tsv / JSON lines block by block (pyarrow).
+
+    Raises:
+        UrlListError: naming the file, as ``read_url_list`` does.
+    """
+    files = url_list_files(path)
+    types = _unified_types(files, url_col, caption_col)  # every file checked before any row
+    renamed = {url_col: "url", caption_col: "caption"}
+    for file in files:
+        fmt = url_list_format(file)
+        try:
+            for batch in _arrow_batches(file, fmt, batch_rows):
+                df = batch.to_pandas().rename(columns=renamed)
+                df["url"] = _as_text(df["url"], file, url_col)
+                df["caption"] = _as_text(df["caption"], file, caption_col)
+                yield _as_unified(df, types, renamed)
+        except UrlListError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a reader failure means "not a readable <fmt>"
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise UrlListError(f"{file}: cannot read as {fmt} ({type(e).__name__}: {reason}); "
+                               f"expected a {fmt} table with UTF-8 text") from None

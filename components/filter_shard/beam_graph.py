@@ -1,22 +1,27 @@
-"""The Beam transforms of ``filter_shard``: check, plan, read the kept samples, write.
+"""The Beam transforms of ``filter_shard``: check, dedup by key, plan from counts, write.
 
     (index, tar path) -> Reshuffle (spread the input shards over workers)
       -> CheckShard: check every sample (header-only image checks, captions, language,
-                     CLIP score) -> one list of SampleInfo per input tar
-      -> ToList -> Plan: dedup (image bytes, URL, key), CLIP threshold / top fraction,
-                         order by hash(seed, key), cut into output shards;
-                         one element per input tar: the samples kept from it
-      -> Reshuffle -> ReadKept: seek to each kept sample's bytes (no decoding, no
-                                tar parsing), group them by output shard
+                     uid list, eval-set hashes, CLIP score) -> SampleInfo batches keyed
+                     by the bucket of their image sha256
+      -> GroupByKey(sha256 bucket) -> Dedup: first of each image  -> keyed by URL bucket
+      -> GroupByKey(URL bucket)    -> Dedup: first of each URL    -> keyed by key bucket
+      -> GroupByKey(key bucket)    -> Dedup: first of each key, CLIP min score
+                                                                   -> keyed by input tar
+      -> GroupByKey(input tar) -> the kept samples of each tar, in a seeded order
+      [-> CLIP top fraction: four histogram passes (``plan.pass_histogram``) pick the
+          exact threshold; each tar drops what falls below it]
+      -> Place: kept count of every tar (a side input of one number per tar) -> the
+                output shard and rank of each kept sample (``plan.output_positions``)
+      -> ReadKept: seek to each kept sample's bytes, group them by output shard
       -> GroupByKey(output shard) -> WriteShard
 
-Image bytes never wait while the plan is made: the first pass emits metadata only
-(``SampleInfo``, ~0.4 kB a sample in memory, so the single-worker Plan step holds ~4 GB
-per 10 M samples), and the second pass reads each kept sample's bytes once, at the offsets
-the first pass recorded, and sends them through one shuffle to their output shard.
-Elements are per tar or per (tar, output shard), never per sample: Beam's per-element
-cost would otherwise dominate (measured: ~4x slower). Every drop is a Beam Metrics
-counter ``filter_shard/dropped_<reason>`` (live on Dataflow's job page);
+No step holds the dataset on one worker: a dedup bucket holds about one input tar's
+metadata (there are as many buckets as input tars), a tar's group its own kept samples,
+the histogram passes 65,536 counts, the plan one count per tar. Elements are batches
+(per tar and bucket, per tar, per tar and output shard), never single samples: Beam's
+per-element cost would otherwise dominate (measured: ~4x slower). Every drop is a Beam
+Metrics counter ``filter_shard/dropped_<reason>`` (live on Dataflow's job page);
 ``read_counters`` sums them after the run.
 """
 from __future__ import annotations
@@ -35,9 +40,13 @@ import fsspec
 from apache_beam.metrics import Metrics, MetricsFilter
 
 from clipa_model import artifacts
+from components.filter_shard.plan import (
+    DEDUP_LEVELS, HIST_BINS, PASSES, Pick, bucket_of, first_of_each, merge_counts, narrow,
+    output_positions,
+    pass_histogram, rank_value, start_pick)
 from components.filter_shard.samples import (
-    FilterConfig, TruncatedShardError, check_sample, iter_tar_samples, output_members,
-    plan_shards, read_spans, sample_info, shard_name, write_shard_tar)
+    FilterConfig, SampleInfo, ShardSlot, TruncatedShardError, check_sample, iter_tar_samples,
+    output_members, read_spans, sample_info, shard_name, write_shard_tar)
 
 log = logging.getLogger("clipa.filter_shard")
 
@@ -83,7 +92,8 @@ def _language_identifier():
 
 
 class CheckShard(beam.DoFn):
-    """``(index, tar path)`` -> ``(index, [SampleInfo, ...])`` of the samples that pass.
+    """``(index, tar path)`` -> ``(sha256 bucket, [SampleInfo, ...])`` of the samples that
+    pass, one batch per bucket.
 
     One element per input tar, not per sample: the runner's per-element cost (pickling,
     counters, bundle bookkeeping) is paid once a shard. A corrupt sample or a truncated
@@ -91,11 +101,14 @@ class CheckShard(beam.DoFn):
     samples before a cut go on.
     """
 
-    def __init__(self, cfg: FilterConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: FilterConfig, buckets: int, eval_images=None):
+        self.cfg, self.buckets, self.eval_images = cfg, buckets, eval_images
 
     def setup(self):
+        from components.filter_shard.matching import UidList
+
         self.language = _language_identifier() if self.cfg.english_only else None
+        self.uids = UidList.load(self.cfg.uid_list) if self.cfg.uid_list else None
         if self.cfg.clip_scoring:
             from components.filter_shard.clip_score import ClipScorer
 
@@ -110,7 +123,8 @@ class CheckShard(beam.DoFn):
             with _open_for_reading(tar_path) as f:
                 for position, sample in enumerate(iter_tar_samples(f)):
                     read += 1
-                    verdict = check_sample(sample.key, sample.members, self.cfg, self.language)
+                    verdict = check_sample(sample.key, sample.members, self.cfg, self.language,
+                                           self.uids, self.eval_images)
                     if verdict.reason:
                         dropped[verdict.reason] += 1
                         log.debug("%s: %s dropped (%s: %s)", tar_path, sample.key,
@@ -132,7 +146,7 @@ class CheckShard(beam.DoFn):
         _count(read, dropped)
         log.info("%s: %d samples checked, %d passed (%.0f samples/s)", tar_path, read,
                  len(infos), read / max(time.perf_counter() - start, 1e-9))
-        yield source, _pack(infos)
+        yield from _by_bucket(infos, DEDUP_LEVELS[0][1], self.buckets)
 
     def _score(self, infos: list, pending: list) -> None:
         """CLIP-score the pending samples in place (``SampleInfo.score``)."""
@@ -156,18 +170,111 @@ def _pack(value) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _plan(checked: list[tuple[int, bytes]], cfg: FilterConfig) -> Iterator[tuple[int, bytes]]:
-    """Every tar's passing samples -> ``(input tar index, [ShardSlot, ...])`` per tar."""
-    records = (info for _, packed in checked for info in pickle.loads(packed))
-    placements, dropped = plan_shards(records, cfg)
-    for reason, n in dropped.items():
-        if n:
-            Metrics.counter(NAMESPACE, f"dropped_{reason}").inc(n)
-    by_source = defaultdict(list)
-    for placement in placements:
-        by_source[placement.info.source].append(placement)
-    for source, kept in sorted(by_source.items()):
-        yield source, _pack(kept)
+def _unpack_all(chunks) -> list:
+    """The items of every pickled batch of a group."""
+    return [item for chunk in chunks for item in pickle.loads(chunk)]
+
+
+def _by_bucket(infos: list[SampleInfo], field: str, buckets: int) -> Iterator[tuple[int, bytes]]:
+    """Batches of ``infos`` keyed by the bucket of ``field`` (one element per bucket)."""
+    groups = defaultdict(list)
+    for info in infos:
+        groups[bucket_of(getattr(info, field), buckets)].append(info)
+    for bucket, group in sorted(groups.items()):
+        yield bucket, _pack(group)
+
+
+class Dedup(beam.DoFn):
+    """``(bucket, batches)`` of one dedup level -> survivors keyed for the next step.
+
+    Level ``i`` of ``plan.DEDUP_LEVELS`` keeps the first sample of each value (when that
+    dedup is on; duplicate keys are always dropped: webdataset would merge the samples).
+    After the last level, the CLIP minimum score applies and the survivors go to their
+    input tar: ``(source, batch)``.
+    """
+
+    def __init__(self, level: int, cfg: FilterConfig, buckets: int):
+        self.level, self.cfg, self.buckets = level, cfg, buckets
+
+    def _enabled(self) -> bool:
+        field = DEDUP_LEVELS[self.level][1]
+        return {"sha256": self.cfg.dedup_sha256, "url_hash": self.cfg.dedup_url}.get(field, True)
+
+    def process(self, element) -> Iterator[tuple[int, bytes]]:
+        reason, field = DEDUP_LEVELS[self.level]
+        infos = _unpack_all(element[1])
+        if self._enabled():
+            infos, dropped = first_of_each(infos, field)
+            Metrics.counter(NAMESPACE, f"dropped_{reason}").inc(dropped)
+        if self.level + 1 < len(DEDUP_LEVELS):
+            yield from _by_bucket(infos, DEDUP_LEVELS[self.level + 1][1], self.buckets)
+            return
+        if self.cfg.clip_scoring and self.cfg.clip_min_score is not None:
+            passed = [i for i in infos if i.score >= self.cfg.clip_min_score]  # NaN fails
+            Metrics.counter(NAMESPACE, "dropped_clip_score").inc(len(infos) - len(passed))
+            infos = passed
+        by_source = defaultdict(list)
+        for info in infos:
+            by_source[info.source].append(info)
+        for source, group in sorted(by_source.items()):
+            yield source, _pack(group)
+
+
+def _tar_kept(element) -> tuple[int, list]:
+    """``(source, batches)`` -> ``(source, kept SampleInfo in the seeded output order)``."""
+    infos = _unpack_all(element[1])
+    infos.sort(key=lambda r: (r.order, r.key))
+    return element[0], infos
+
+
+class SumCounts(beam.CombineFn):
+    """Adds histogram Counters; the accumulator holds at most ``plan.HIST_BINS`` entries
+    (``bounded_accumulator``: what the graph test allows a global combine to hold)."""
+    bounded_accumulator = HIST_BINS
+
+    def create_accumulator(self):
+        return Counter()
+
+    def add_input(self, acc, counts):
+        acc.update(counts)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return merge_counts(accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _top_fraction(kept: beam.PCollection, fraction: float) -> beam.PCollection:
+    """Keep the top ``fraction`` of all kept samples by CLIP score, exactly, per tar."""
+    total = (kept | "CountKept" >> beam.Map(lambda e: Counter(n=len(e[1])))
+             | "SumKept" >> beam.CombineGlobally(SumCounts()))
+    pick = total | "StartPick" >> beam.Map(lambda c: start_pick(fraction, c["n"]))
+    for i in range(PASSES):
+        counts = (kept | f"Histogram{i}" >> beam.Map(
+            lambda e, p: pass_histogram(e[1], p), beam.pvalue.AsSingleton(pick))
+            | f"SumHistogram{i}" >> beam.CombineGlobally(SumCounts()))
+        pick = pick | f"Narrow{i}" >> beam.Map(narrow, beam.pvalue.AsSingleton(counts))
+    return kept | "CutScores" >> beam.Map(_cut_scores, beam.pvalue.AsSingleton(pick))
+
+
+def _cut_scores(element, pick: Pick) -> tuple[int, list]:
+    source, infos = element
+    passed = [i for i in infos if rank_value(i) >= pick.threshold]
+    Metrics.counter(NAMESPACE, "dropped_clip_score").inc(len(infos) - len(passed))
+    return source, passed
+
+
+def _place(element, counts: dict, cfg: FilterConfig) -> Iterator[tuple[int, bytes]]:
+    """``(source, kept)`` -> ``(source, [ShardSlot, ...])`` from the per-tar counts only."""
+    source, infos = element
+    if not infos:
+        return
+    position = output_positions(counts, source, cfg.seed)
+    n = cfg.samples_per_shard
+    yield source, _pack([ShardSlot(*divmod(position(r), n), info)
+                         for r, info in enumerate(infos)])
 
 
 class ReadKept(beam.DoFn):
@@ -223,15 +330,29 @@ class WriteShard(beam.DoFn):
 
 
 def build_beam_graph(p: beam.Pipeline, tar_paths: list[str], output_dir: str,
-                   cfg: FilterConfig) -> beam.PCollection:
-    """Add the filter_shard transforms to ``p``; returns the (shard name, count) written."""
-    return (p
-            | "TarPaths" >> beam.Create(list(enumerate(tar_paths)))
-            | "SpreadChecks" >> beam.Reshuffle()
-            | "CheckShard" >> beam.ParDo(CheckShard(cfg))
-            | "AllInfo" >> beam.combiners.ToList()
-            | "Plan" >> beam.FlatMap(_plan, cfg)
-            | "SpreadReads" >> beam.Reshuffle()  # the plan comes from one worker
+                     cfg: FilterConfig, eval_images=None) -> beam.PCollection:
+    """Add the filter_shard transforms to ``p``; returns the (shard name, count) written.
+
+    Args:
+        eval_images: a ``matching.EvalImages`` when ``cfg.decontaminate`` (hashed once,
+            before the run; shipped with the check step: a few MB for an eval set).
+    """
+    buckets = max(1, len(tar_paths))  # ~one input tar's metadata per dedup bucket
+    checked = (p
+               | "TarPaths" >> beam.Create(list(enumerate(tar_paths)))
+               | "SpreadChecks" >> beam.Reshuffle()
+               | "CheckShard" >> beam.ParDo(CheckShard(cfg, buckets, eval_images)))
+    for level, (reason, _) in enumerate(DEDUP_LEVELS):
+        name = reason.split("_", 1)[1].capitalize()
+        checked = (checked
+                   | f"By{name}" >> beam.GroupByKey()
+                   | f"Dedup{name}" >> beam.ParDo(Dedup(level, cfg, buckets)))
+    kept = checked | "ByInputTar" >> beam.GroupByKey() | "TarKept" >> beam.Map(_tar_kept)
+    if cfg.clip_scoring and cfg.clip_top_fraction:
+        kept = _top_fraction(kept, cfg.clip_top_fraction)
+    counts = kept | "KeptPerTar" >> beam.Map(lambda e: (e[0], len(e[1])))
+    return (kept
+            | "Place" >> beam.FlatMap(_place, beam.pvalue.AsDict(counts), cfg)
             | "ReadKept" >> beam.ParDo(ReadKept(tar_paths))
             | "ByShard" >> beam.GroupByKey()
             | "Write" >> beam.ParDo(WriteShard(output_dir)))

@@ -1,13 +1,16 @@
-"""CLIP-score filtering for ``filter_shard``: image-text cosine similarity of a checkpoint.
+"""CLIP-score filtering for ``filter_shard``: image-text cosine similarity of a model.
 
-The model is a Model artifact of this project (``clipa_model.checkpoint.load_model``),
-run at its own image size, text length and normalisation, like ``components.evaluate``.
+The model is any reference ``clipa_model.eval.models.load_eval_model`` reads: a Model
+artifact of this project, an exported open_clip folder, or ``open_clip:NAME:FILE``
+(DataComp scores with OpenAI's ViT-L/14: ``open_clip:ViT-L-14:/weights/vit_l14.pt``).
+Each is run with its own tokenizer and preprocessing, like ``components.evaluate``.
 DataComp's CLIP-score filters keep pairs above a threshold or the top fraction; the
-scores computed here feed ``plan_shards``, which applies either rule over the whole
-dataset.
+scores computed here feed the plan (``components.filter_shard.plan``), which applies
+either rule over the whole dataset.
 """
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -16,26 +19,29 @@ BATCH = 64  # image-text pairs per forward pass
 
 
 class ClipScorer:
-    """Scores (image bytes, caption) pairs with one checkpoint; built once per worker."""
+    """Scores (image bytes, caption) pairs with one model; built once per worker."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_ref: str):
         import torch
 
-        from clipa_model.checkpoint import load_model
-        from clipa_model.model import get_tokenizer
+        from clipa_model.eval.models import load_eval_model
 
         self.torch = torch
-        self.model, self.cfg = load_model(model_dir)
-        self.tokenizer = get_tokenizer(self.cfg["preset"], self.cfg["text_len"])
+        self.em = load_eval_model(model_ref)
+        self.transform = self.em.preprocess.pil_transform()
 
     def _images(self, images: list[bytes]):
-        """JPEG/PNG bytes -> (B, 3, S, S) float32, normalised as the model was trained."""
-        from clipa_model.data import center_resize, normalize, open_jpeg
+        """Image bytes -> (B, 3, S, S) float32, preprocessed as the model expects."""
+        from PIL import Image
 
-        size = self.cfg["image_size"]
-        arrays = [center_resize(open_jpeg(b, size), size) for b in images]  # (S, S, 3) u8
+        from clipa_model.preprocess import normalize_on
+
+        arrays = []
+        for data in images:
+            with Image.open(io.BytesIO(data)) as im:
+                arrays.append(self.transform(im.convert("RGB")))  # (S, S, 3) uint8
         batch = self.torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S)
-        return normalize(batch, self.cfg["mean"], self.cfg["std"])
+        return normalize_on(batch, self.em.preprocess, self.torch.device("cpu"))
 
     def score(self, images: list[bytes], captions: list[str]) -> list[float]:
         """Cosine similarity of each image with its caption (NaN where decoding failed)."""
@@ -52,6 +58,8 @@ class ClipScorer:
             if len(images) == 1:
                 return [math.nan]
             return [s for im, c in zip(images, captions) for s in self._score_batch([im], [c])]
-        img = self.model.encode_image(pixels, normalize=True)  # (B, D)
-        txt = self.model.encode_text(self.tokenizer(captions), normalize=True)  # (B, D)
+        model = self.em.model
+        img = self.torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)  # (B, D)
+        txt = self.torch.nn.functional.normalize(
+            model.encode_text(self.em.tokenizer(captions)), dim=-1)  # (B, D)
         return (img * txt).sum(dim=-1).tolist()

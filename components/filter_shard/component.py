@@ -51,8 +51,9 @@ def _part_folders(input_dir: str, marker: dict) -> list[str]:
 
 
 def list_input_shards(input_dir: str) -> list[str]:
-    """The ``*.tar`` shards of a download artifact, sorted, as paths or URLs.
+    """The ``*.tar`` shards of a ``shards`` artifact, sorted, as paths or URLs.
 
+    Existing shards (marker field ``tars``, from ``import_shards``) are listed as they are.
     A download split into parts (marker field ``parts``: the part folders) has its
     shards in those folders; their names are unique across parts (global shard ids).
 
@@ -61,6 +62,8 @@ def list_input_shards(input_dir: str) -> list[str]:
         ValueError: when it holds no ``.tar`` shard, or two parts hold the same name.
     """
     marker = artifacts.read_marker(input_dir, "shards")
+    if marker.get("tars"):  # existing shards (import_shards): checked when imported
+        return [str(t) for t in marker["tars"]]
     found, seen = [], {}
     for folder in _part_folders(input_dir, marker):
         fs, root = fsspec.core.url_to_fs(folder)
@@ -112,8 +115,8 @@ def _settings(cfg: FilterConfig, runner: str) -> dict:
 
 
 def make_pipeline(tar_paths: list[str], output_dir: str, cfg: FilterConfig,
-                  runner: str = DEFAULT_RUNNER, pipeline_options: dict | None = None
-                  ) -> beam.Pipeline:
+                  runner: str = DEFAULT_RUNNER, pipeline_options: dict | None = None,
+                  eval_images=None) -> beam.Pipeline:
     """The Beam pipeline of ``filter_shard``, built but not run.
 
     Args:
@@ -123,19 +126,68 @@ def make_pipeline(tar_paths: list[str], output_dir: str, cfg: FilterConfig,
         runner: a Beam runner name, e.g. ``"FnApiRunner"`` or ``"DataflowRunner"``.
         pipeline_options: Beam pipeline options as keywords (``filter_options.
             dataflow_options`` for Dataflow); Beam checks them here.
+        eval_images: the hashed eval set when ``cfg.decontaminate``.
     """
     options = PipelineOptions(flags=[], **(pipeline_options or {}))
     p = beam.Pipeline(runner=runner, options=options)
-    build_beam_graph(p, tar_paths, output_dir, cfg)
+    build_beam_graph(p, tar_paths, output_dir, cfg, eval_images)
     return p
 
 
+def check_clip_model(ref: str) -> None:
+    """Fail now, not on a worker, when ``ref`` cannot name a model ``ClipScorer`` loads.
+
+    Raises:
+        ModelRefError: naming the reference and the three forms expected.
+    """
+    from clipa_model.eval.models import OPEN_CLIP_PREFIX, ModelRefError, split_label
+
+    ref = split_label(ref.strip())[1]
+    if ref.startswith(OPEN_CLIP_PREFIX):
+        name, sep, file = ref[len(OPEN_CLIP_PREFIX):].partition(":")
+        fs, path = fsspec.core.url_to_fs(file or ".")
+        if not (sep and name and file) or not fs.isfile(path):
+            raise ModelRefError(f"clip_model={ref!r}: expected open_clip:NAME:FILE with an "
+                                "existing weights FILE, e.g. open_clip:ViT-L-14:/w/l14.pt")
+        return
+    if not (artifacts.has_marker(ref, "model")
+            or fsspec.core.url_to_fs(artifacts.join(ref, "open_clip_config.json"))[0].exists(
+                artifacts.join(ref, "open_clip_config.json"))):
+        raise ModelRefError(f"clip_model={ref!r}: not a model; expected a Model artifact "
+                            "folder, an exported open_clip folder or open_clip:NAME:FILE")
+
+
+def _prepare_inputs(cfg: FilterConfig):
+    """Check every setting that names a file and hash the eval set, before any work.
+
+    Returns:
+        The ``matching.EvalImages`` of ``cfg.decontaminate`` (None when off).
+    """
+    from components.filter_shard.matching import EvalImages, UidList, eval_set_images
+
+    if cfg.clip_model:
+        check_clip_model(cfg.clip_model)
+    if cfg.uid_list:
+        n = len(UidList.load(cfg.uid_list))
+        log.info("filter_shard: keeping only the %d uids of %s", n, cfg.uid_list)
+    if not cfg.decontaminate:
+        return None
+    images = EvalImages.from_images(eval_set_images(cfg.decontaminate), cfg.eval_phash_distance)
+    if not images.sha256:
+        raise ValueError(f"decontaminate={cfg.decontaminate!r}: no images; expected an "
+                         "eval set (eval_set artifact, webdataset shards or ImageFolder)")
+    log.info("filter_shard: %d eval images hashed for decontamination", len(images.sha256))
+    return images
+
+
 def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_RUNNER,
-                     pipeline_options: dict | None = None, **settings) -> dict:
-    """Filter, deduplicate and reshard the img2dataset shards of ``input_dir``.
+                     pipeline_options: dict | None = None, preset: str = "",
+                     **settings) -> dict:
+    """Filter, deduplicate and reshard the webdataset shards of ``input_dir``.
 
     Args:
-        input_dir: the download step's folder (marker kind ``shards``); local or gs://.
+        input_dir: a ``shards`` artifact: the download step's folder or
+            ``import_shards``' (existing shards); local or gs://.
         output_dir: the artifact folder to write; a previous filter_shard output there
             is replaced.
         runner: the Beam runner, ``"FnApiRunner"`` (local, offline) or
@@ -143,12 +195,9 @@ def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_R
             as ``pipeline_options``).
         pipeline_options: more Beam pipeline options, e.g. ``{"direct_num_workers": 2}``
             (on a 2-core machine two threads were slower than one: the checks hold the GIL).
-        settings: the fields of ``FilterConfig``: ``samples_per_shard``,
-            ``min_caption_words``, ``min_caption_chars``, ``min_image_side``,
-            ``max_aspect_ratio``, ``dedup_sha256``, ``dedup_url``, ``english_only``,
-            ``clip_model``, ``clip_min_score``, ``clip_top_fraction``,
-            ``max_image_pixels``, ``full_decode``, ``seed`` (0 / None / False turns a
-            filter off).
+        preset: "" or a name of ``FILTER_PRESETS`` (e.g. ``"datacomp_basic"``); settings
+            that differ from the defaults override it.
+        settings: fields of ``FilterConfig`` (0 / None / False turns a filter off).
 
     Returns:
         The marker fields: ``count`` (kept), ``input_count`` (samples read, plus those a
@@ -158,20 +207,16 @@ def run_filter_shard(input_dir: str, output_dir: str, *, runner: str = DEFAULT_R
 
     Raises:
         ArtifactError: ``input_dir`` is not a finished ``shards`` artifact.
-        ValueError: no ``.tar`` in ``input_dir``, bad settings, or every sample dropped.
+        ValueError: no ``.tar`` in ``input_dir``, bad settings, a uid list or eval set that
+            cannot be read, or every sample dropped.
     """
-    unknown = set(settings) - {f.name for f in dataclasses.fields(FilterConfig)}
-    if unknown:
-        raise TypeError(f"run_filter_shard: unknown settings {sorted(unknown)}; expected "
-                        f"fields of FilterConfig")
-    cfg = FilterConfig(**settings).validate()
-    if cfg.clip_model:
-        artifacts.read_marker(cfg.clip_model, "model")  # fail now, not on a worker
+    cfg = FilterConfig.from_preset(preset, **settings).validate()
+    eval_images = _prepare_inputs(cfg)
     tar_paths = list_input_shards(input_dir)
     _prepare_output(output_dir, input_dir)
 
     start = time.perf_counter()
-    p = make_pipeline(tar_paths, str(output_dir), cfg, runner, pipeline_options)
+    p = make_pipeline(tar_paths, str(output_dir), cfg, runner, pipeline_options, eval_images)
     result = p.run()
     result.wait_until_finish()  # raises if the pipeline failed
     counts = read_counters(result)
@@ -225,6 +270,34 @@ def log_metrics(stats, result: dict) -> None:
 # KFP component and command line
 
 
+# The component's values that stand for None (KFP parameters cannot be None).
+COMPONENT_OFF = {"clip_min_score": -2.0, "clip_top_fraction": 1.0}
+
+
+def config_from_parameters(filter_preset: str = "", **params) -> FilterConfig:
+    """The FilterConfig the filter_shard component's parameters describe (``COMPONENT_OFF``
+    values mean None); a test checks that the component's defaults give ``FilterConfig()``."""
+    settings = {k: (None if k in COMPONENT_OFF and v == COMPONENT_OFF[k] else v)
+                for k, v in params.items()}
+    return FilterConfig.from_preset(filter_preset, **settings)
+
+
+def pass_through_outputs(input_dir: str, filtered, stats, report) -> None:
+    """``no_filter``: the KFP outputs of ``existing.pass_through`` (input = kept)."""
+    import os
+
+    from components.filter_shard.existing import pass_through
+
+    result = pass_through(input_dir, filtered.path)
+    for name in ("input", "kept"):
+        stats.log_metric(name, result["count"])
+    os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
+    with open(report.path, "w", encoding="utf-8") as f:
+        f.write(f"<p>no_filter: {result['count']} samples in {len(result['shards'])} "
+                "existing shards, trained on as they are.</p>")
+    filtered.metadata.update(count=result["count"], shards=len(result["shards"]))
+
+
 @clipa_component(DATA_IMAGE)
 def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
                  stats: Output[Metrics], report: Output[HTML],
@@ -233,48 +306,61 @@ def filter_shard(shards: Input[Dataset], filtered: Output[Dataset],
                  dedup_sha256: bool = True, seed: int = 0, min_caption_chars: int = 6,
                  dedup_url: bool = True, english_only: bool = False,
                  clip_model: str = "", clip_min_score: float = -2.0,
-                 clip_top_fraction: float = 1.0, runner: str = "FnApiRunner",
+                 clip_top_fraction: float = 1.0, filter_preset: str = "", uid_list: str = "",
+                 decontaminate: str = "", eval_phash_distance: int = 4,
+                 max_image_pixels: int = 89478485, full_decode: bool = False,
+                 no_filter: bool = False, runner: str = "FnApiRunner",
                  dataflow_project: str = "", dataflow_region: str = "",
                  dataflow_temp_location: str = "", dataflow_machine_type: str = "",
                  dataflow_max_workers: int = 0, dataflow_container_image: str = ""):
-    """Filter, deduplicate and reshard downloaded shards (Beam: local or Dataflow).
+    """Filter, deduplicate and reshard shards (Beam: local or Dataflow).
 
     Args:
-        clip_model: a Model artifact URI (gs:// or local) to CLIP-score pairs with; ""
-            = no CLIP filter. clip_min_score (-2 = off) and clip_top_fraction (1 = off)
-            say what it keeps.
+        samples_per_shard ... full_decode: the fields of FilterConfig
+            (components/filter_shard/samples.py, where each is documented);
+            clip_min_score -2 and clip_top_fraction 1 mean off.
+        filter_preset: "" or "datacomp_basic"; settings left at their defaults take the
+            preset's values.
+        no_filter: train on the input shards as they are (no filter, dedup or reshard).
         runner: "FnApiRunner" (in this task) or "DataflowRunner" (with the dataflow_*
             settings; dataflow_container_image defaults to this component's image).
 
     Outputs: filtered (shard-NNNNN.tar, manifest.json, sizes.json), stats (input, kept,
     dropped_<reason> for every reason), report (HTML page of kept/dropped per reason).
     """
+    import dataclasses
     import os
     import shutil
 
     from components.clipa_component import DATA_IMAGE
+    from components.filter_shard.component import (config_from_parameters, log_metrics,
+                                                    pass_through_outputs, run_filter_shard)
     from components.filter_shard.options import dataflow_options
-    from components.filter_shard.component import log_metrics, run_filter_shard
 
+    if no_filter:
+        return pass_through_outputs(shards.path, filtered, stats, report)
+    cfg = config_from_parameters(
+        filter_preset, samples_per_shard=samples_per_shard, min_image_side=min_image_side,
+        max_aspect_ratio=max_aspect_ratio, min_caption_words=min_caption_words,
+        dedup_sha256=dedup_sha256, seed=seed, min_caption_chars=min_caption_chars,
+        dedup_url=dedup_url, english_only=english_only, clip_model=clip_model,
+        clip_min_score=clip_min_score, clip_top_fraction=clip_top_fraction,
+        uid_list=uid_list, decontaminate=decontaminate,
+        eval_phash_distance=eval_phash_distance, max_image_pixels=max_image_pixels,
+        full_decode=full_decode)
     options = None
     if runner == "DataflowRunner":
         options = dataflow_options(
             dataflow_project, dataflow_region, dataflow_temp_location,
             machine_type=dataflow_machine_type, max_num_workers=dataflow_max_workers,
             sdk_container_image=dataflow_container_image or DATA_IMAGE)
-    result = run_filter_shard(
-        shards.path, filtered.path, runner=runner, pipeline_options=options,
-        samples_per_shard=samples_per_shard, min_caption_words=min_caption_words,
-        min_caption_chars=min_caption_chars, min_image_side=min_image_side,
-        max_aspect_ratio=max_aspect_ratio, dedup_sha256=dedup_sha256, dedup_url=dedup_url,
-        english_only=english_only, clip_model=clip_model,
-        clip_min_score=clip_min_score if clip_min_score > -2.0 else None,
-        clip_top_fraction=clip_top_fraction if clip_top_fraction < 1.0 else None, seed=seed)
+    result = run_filter_shard(shards.path, filtered.path, runner=runner,
+                              pipeline_options=options, **dataclasses.asdict(cfg))
     log_metrics(stats, result)
     os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
     shutil.copyfile(os.path.join(filtered.path, "report.html"), report.path)
     filtered.metadata.update(count=result["count"], input_count=result["input_count"],
-                             shards=len(result["shards"]), samples_per_shard=samples_per_shard)
+                             shards=len(result["shards"]), samples_per_shard=cfg.samples_per_shard)
 
 
 def main(argv: list[str] | None = None) -> dict:

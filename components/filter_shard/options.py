@@ -16,9 +16,11 @@ docs/DATA.md. From the command line::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from components.cli_args import json_items, key_value
+from components.filter_shard.samples import FILTER_PRESETS, FilterConfig
 
 
 def dataflow_options(project: str, region: str, temp_location: str, *,
@@ -82,26 +84,40 @@ def dataflow_options(project: str, region: str, temp_location: str, *,
     return options
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_filter_flags(ap: argparse.ArgumentParser) -> None:
+    """One flag per FilterConfig field, its help from the field (the one definition).
+
+    A flag not given is left out (``argparse.SUPPRESS``), so the preset or FilterConfig's
+    default applies; a True-by-default switch is turned off with ``--no-NAME``.
+    """
+    group = ap.add_argument_group("filters (FilterConfig; 0 turns a filter off)")
+    group.add_argument("--preset", default="", choices=["", *sorted(FILTER_PRESETS)],
+                       help="a filter preset; flags given override it")
+    for f in dataclasses.fields(FilterConfig):
+        kind = str(f.type).split("|")[0].strip()
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if kind == "bool" and f.default:
+            group.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name,
+                               action="store_false", default=argparse.SUPPRESS, help=help_text)
+        elif kind == "bool":
+            group.add_argument(_flag(f.name), action="store_true", default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(_flag(f.name), type={"int": int, "float": float}.get(kind, str),
+                               default=argparse.SUPPRESS, help=help_text)
+
+
 def parse_args(argv: list[str] | None, description: str) -> dict:
     """The command line of ``python -m components.filter_shard`` -> run_filter_shard kwargs."""
     ap = argparse.ArgumentParser(prog="python -m components.filter_shard",
                                  description=description)
-    ap.add_argument("--input", required=True, help="download step folder (kind 'shards')")
+    ap.add_argument("--input", required=True, help="a shards artifact (download or import)")
     ap.add_argument("--output", required=True, help="folder for the filtered shards")
-    ap.add_argument("--samples-per-shard", type=int, default=256)
-    ap.add_argument("--min-caption-words", type=int, default=3)
-    ap.add_argument("--min-caption-chars", type=int, default=6)
-    ap.add_argument("--min-image-side", type=int, default=64)
-    ap.add_argument("--max-aspect-ratio", type=float, default=3.0)
-    ap.add_argument("--no-dedup", action="store_true", help="keep duplicate images")
-    ap.add_argument("--no-dedup-url", action="store_true", help="keep duplicate URLs")
-    ap.add_argument("--english-only", action="store_true", help="keep English captions only")
-    ap.add_argument("--clip-model", default="", help="Model artifact to CLIP-score with")
-    ap.add_argument("--clip-min-score", type=float, default=None)
-    ap.add_argument("--clip-top-fraction", type=float, default=None)
-    ap.add_argument("--full-decode", action="store_true",
-                    help="decode every image instead of checking its header")
-    ap.add_argument("--seed", type=int, default=0)
+    add_filter_flags(ap)
     ap.add_argument("--runner", default="FnApiRunner", help="FnApiRunner or DataflowRunner")
     df = ap.add_argument_group("Dataflow (with --runner DataflowRunner)")
     for flag in ("--project", "--region", "--temp-location", "--machine-type",
@@ -115,19 +131,14 @@ def parse_args(argv: list[str] | None, description: str) -> dict:
     ap.add_argument("--option", action="append", default=[], type=key_value("--option"),
                     metavar="KEY=VALUE",
                     help="a Beam pipeline option (repeatable), e.g. direct_num_workers=2")
-    a = ap.parse_args(argv)
-    options = json_items(a.option)
-    if a.runner == "DataflowRunner":
-        options = dataflow_options(a.project, a.region, a.temp_location,
-                                   machine_type=a.machine_type, max_num_workers=a.max_workers,
-                                   sdk_container_image=a.sdk_container_image,
-                                   extra_packages=tuple(a.extra_package),
-                                   setup_file=a.setup_file, **options)
-    return dict(input_dir=a.input, output_dir=a.output, runner=a.runner,
-                pipeline_options=options, samples_per_shard=a.samples_per_shard,
-                min_caption_words=a.min_caption_words, min_caption_chars=a.min_caption_chars,
-                min_image_side=a.min_image_side, max_aspect_ratio=a.max_aspect_ratio,
-                dedup_sha256=not a.no_dedup, dedup_url=not a.no_dedup_url,
-                english_only=a.english_only, clip_model=a.clip_model,
-                clip_min_score=a.clip_min_score, clip_top_fraction=a.clip_top_fraction,
-                full_decode=a.full_decode, seed=a.seed)
+    a = vars(ap.parse_args(argv))
+    options = json_items(a["option"])
+    if a["runner"] == "DataflowRunner":
+        options = dataflow_options(a["project"], a["region"], a["temp_location"],
+                                   machine_type=a["machine_type"], max_num_workers=a["max_workers"],
+                                   sdk_container_image=a["sdk_container_image"],
+                                   extra_packages=tuple(a["extra_package"]),
+                                   setup_file=a["setup_file"], **options)
+    settings = {f.name: a[f.name] for f in dataclasses.fields(FilterConfig) if f.name in a}
+    return dict(input_dir=a["input"], output_dir=a["output"], runner=a["runner"],
+                pipeline_options=options, preset=a["preset"], **settings)

@@ -4,12 +4,12 @@
   each member's bytes lie) and tells a complete tar from a truncated one;
 * ``check_sample`` checks one sample (names, caption, JSON, image header) and returns why
   it is dropped (or None);
-* ``plan_shards`` drops duplicates (image bytes, URL, key) and low CLIP scores, and orders
-  the survivors into output shards;
 * ``read_spans`` reads a planned sample back from its tar without parsing the tar again;
 * ``write_shard_tar`` writes one output shard, byte-identical for the same samples.
 
-The Beam pipeline (``components.filter_shard.beam_graph``) only moves these values around.
+Dedup, the CLIP-score cut and the output plan, which need more than one sample, live in
+``components.filter_shard.plan``; the Beam pipeline (``components.filter_shard.beam_graph``)
+moves these values around.
 """
 from __future__ import annotations
 
@@ -17,49 +17,67 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import IO, Iterable, Iterator, NamedTuple
 
+from clipa_model.artifacts import IMAGE_EXTS
 from components.filter_shard.images import image_facts, to_jpeg
 from components.filter_shard.tar_io import TarFormatError, TarWriter, iter_members, safe_key
 
 # Drop reasons, in the order a sample is checked; a sample counts under its first reason.
-REASONS = ("truncated_shard", "unsafe_name", "decode_error", "too_large", "caption_words",
-           "caption_chars", "min_side", "aspect_ratio", "not_english", "duplicate_sha256",
-           "duplicate_url", "duplicate_key", "clip_score")
+REASONS = ("truncated_shard", "unsafe_name", "decode_error", "uid_not_listed", "too_large",
+           "caption_words", "caption_chars", "min_side", "aspect_ratio", "not_english",
+           "eval_duplicate", "duplicate_sha256", "duplicate_url", "duplicate_key", "clip_score")
 
-# A sample's image member may be any of these (img2dataset's encode_format); the output
-# always holds KEY.jpg, what the training loader reads (others are re-encoded to JPEG).
-IMAGE_EXTS = ("jpg", "png", "webp")
-# The members written back, in this (sorted, as webdataset's TarWriter does) order.
+# The members written back, in this (sorted, as webdataset's TarWriter does) order. A
+# sample's image member may be any of ``IMAGE_EXTS`` (img2dataset's encode_format); the
+# output always holds KEY.jpg, what the training loader reads (others become JPEG).
 MEMBERS = ("jpg", "json", "txt")
 
 # (offset, size) of image, json and txt, packed: 48 bytes instead of ~400 as tuples.
 _SPANS = struct.Struct("<6Q")
 
 
+def _setting(default, doc: str):
+    """A FilterConfig field with its help text (the command line's, the docs')."""
+    return field(default=default, metadata={"help": doc})
+
+
 @dataclass(frozen=True)
 class FilterConfig:
-    """What ``filter_shard`` keeps. A value of 0 / None / False / "" turns a filter off.
+    """What ``filter_shard`` keeps: the one definition of its settings.
 
-    Defaults follow DataComp's "basic" filtering (captions of more than 2 words and
-    more than 5 characters, shorter side and aspect ratio bounds) without its English
-    detection, which ``english_only`` adds.
+    The command line (``components.filter_shard.options``) derives its flags from these
+    fields; the KFP component's parameters are checked against them by a test. A value
+    of 0 / None / False / "" turns a filter off. ``FILTER_PRESETS["datacomp_basic"]`` is
+    DataComp's basic filter; the defaults are laxer (64 px, any language).
     """
-    min_caption_words: int | None = 3
-    min_caption_chars: int | None = 6
-    min_image_side: int | None = 64
-    max_aspect_ratio: float | None = 3.0
-    dedup_sha256: bool = True
-    dedup_url: bool = True
-    english_only: bool = False
-    clip_model: str = ""  # a Model artifact folder (local or gs://) scoring image-text pairs
-    clip_min_score: float | None = None  # keep cosine similarity >= this
-    clip_top_fraction: float | None = None  # keep this fraction, highest scores first
-    max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit (~9459 px square)
-    full_decode: bool = False  # decode every image (1/8 scale) instead of checking its header
-    seed: int = 0
-    samples_per_shard: int = 256
+    min_caption_words: int | None = _setting(3, "drop captions of fewer words")
+    min_caption_chars: int | None = _setting(6, "drop captions of fewer characters")
+    min_image_side: int | None = _setting(
+        64, "drop images whose shorter side (KEY.json original_width/height, as DataComp, "
+        "else the stored image) is below this many pixels")
+    max_aspect_ratio: float | None = _setting(3.0, "drop images longer than this ratio")
+    dedup_sha256: bool = _setting(True, "drop repeated images (same sha256)")
+    dedup_url: bool = _setting(True, "drop repeated URLs")
+    english_only: bool = _setting(False, "keep English captions only (py3langid)")
+    uid_list: str = _setting("", "keep only these uids: .npy (DataComp's \"u8,u8\" array) "
+                             "or .parquet with a uid column; local or gs://")
+    decontaminate: str = _setting("", "an eval set whose images (exact or re-encoded / "
+                                  "resized) must not be in the training data")
+    eval_phash_distance: int = _setting(
+        4, "a training image within this many bits (of 64) of an eval image's perceptual "
+        "hash is its copy; -1 = exact sha256 only")
+    clip_model: str = _setting("", "the model that CLIP-scores pairs: a Model artifact, an "
+                               "exported folder or open_clip:NAME:FILE")
+    clip_min_score: float | None = _setting(None, "keep image-text cosine similarity >= this")
+    clip_top_fraction: float | None = _setting(None, "keep this fraction, highest scores first")
+    max_image_pixels: int = _setting(89_478_485, "drop images with more pixels (PIL's "
+                                     "decompression-bomb limit, ~9459 px square)")
+    full_decode: bool = _setting(False, "decode every image (1/8 scale) instead of "
+                                 "checking its header")
+    seed: int = _setting(0, "shuffle seed of the output order")
+    samples_per_shard: int = _setting(256, "samples per output shard (the last may be short)")
 
     def validate(self) -> "FilterConfig":
         """Raise ValueError naming the first setting out of range."""
@@ -69,14 +87,44 @@ class FilterConfig:
             raise ValueError(f"clip_top_fraction={self.clip_top_fraction}; expected a "
                              "fraction in (0, 1], or None to keep all")
         if (self.clip_min_score is not None or self.clip_top_fraction) and not self.clip_model:
-            raise ValueError("clip_min_score / clip_top_fraction need clip_model: the Model "
-                             "artifact folder that scores the image-text pairs")
+            raise ValueError("clip_min_score / clip_top_fraction need clip_model: the model "
+                             "that scores the image-text pairs")
         return self
 
     @property
     def clip_scoring(self) -> bool:
         return bool(self.clip_model) and (self.clip_min_score is not None
                                           or bool(self.clip_top_fraction))
+
+    @classmethod
+    def from_preset(cls, preset: str = "", **settings) -> "FilterConfig":
+        """A preset's values, then every setting given that differs from the default.
+
+        Args:
+            preset: "" (the defaults) or a name of ``FILTER_PRESETS``.
+            settings: FilterConfig fields; one left at its default keeps the preset's value.
+        Raises:
+            ValueError: an unknown preset; TypeError: an unknown setting.
+        """
+        if preset and preset not in FILTER_PRESETS:
+            raise ValueError(f"filter preset {preset!r}; expected one of "
+                             f"{sorted(FILTER_PRESETS)} or '' for the defaults")
+        unknown = set(settings) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown filter settings {sorted(unknown)}; expected fields of "
+                            "FilterConfig")
+        defaults = cls()
+        given = {k: v for k, v in settings.items() if v != getattr(defaults, k)}
+        return replace(defaults, **{**FILTER_PRESETS.get(preset, {}), **given})
+
+
+# DataComp's "basic" filter (Gadre et al. 2023, the filtering track's baseline): English
+# captions of more than 2 words and more than 5 characters, images whose original shorter
+# side is at least 200 px and aspect ratio at most 3.
+FILTER_PRESETS = {
+    "datacomp_basic": {"min_caption_words": 3, "min_caption_chars": 6, "english_only": True,
+                       "min_image_side": 200, "max_aspect_ratio": 3.0},
+}
 
 
 class TarSample(NamedTuple):
@@ -97,8 +145,8 @@ class Verdict(NamedTuple):
 class SampleInfo(NamedTuple):
     """What the shard plan needs of a sample that passed the per-sample checks.
 
-    ``(source, position)`` tells apart samples that share a key. About 0.4 kB in memory
-    (the plan holds one per kept sample on one worker: ~4 GB per 10 M samples).
+    ``(source, position)`` tells apart samples that share a key. About 0.4 kB in memory;
+    a worker holds those of one dedup bucket or one input tar at a time.
     """
     source: int  # index of the input tar
     position: int  # sample number in that tar
@@ -112,7 +160,7 @@ class SampleInfo(NamedTuple):
 
 
 class ShardSlot(NamedTuple):
-    """Where ``plan_shards`` puts a kept sample."""
+    """Where the plan puts a kept sample."""
     shard: int
     rank: int  # position in the output shard
     info: SampleInfo
@@ -213,7 +261,34 @@ def url_hash(url: str) -> bytes:
     return hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest() if url else b""
 
 
-def check_sample(key: str, members: dict, cfg: FilterConfig, language=None) -> Verdict:
+def _original_size(meta: dict, width: int, height: int) -> tuple[int, int]:
+    """The source image's size from img2dataset's KEY.json (what DataComp's size rules
+    read), else the stored image's."""
+    try:
+        w, h = int(meta["original_width"]), int(meta["original_height"])
+    except (KeyError, TypeError, ValueError):
+        return width, height
+    return (w, h) if w > 0 and h > 0 else (width, height)
+
+
+def _rule_verdict(caption: str, width: int, height: int, cfg: FilterConfig,
+                  language) -> Verdict | None:
+    """The caption, size and language rules, in ``REASONS`` order."""
+    if cfg.min_caption_words and len(caption.split()) < cfg.min_caption_words:
+        return Verdict("caption_words", caption[:80])
+    if cfg.min_caption_chars and len(caption) < cfg.min_caption_chars:
+        return Verdict("caption_chars", caption[:80])
+    if cfg.min_image_side and min(width, height) < cfg.min_image_side:
+        return Verdict("min_side", f"{width}x{height}")
+    if cfg.max_aspect_ratio and max(width, height) / min(width, height) > cfg.max_aspect_ratio:
+        return Verdict("aspect_ratio", f"{width}x{height}")
+    if cfg.english_only and language(caption) != "en":
+        return Verdict("not_english", caption[:80])
+    return None
+
+
+def check_sample(key: str, members: dict, cfg: FilterConfig, language=None, uids=None,
+                 eval_images=None) -> Verdict:
     """Why one sample is dropped, or None if it passes the per-sample filters.
 
     Args:
@@ -221,6 +296,9 @@ def check_sample(key: str, members: dict, cfg: FilterConfig, language=None) -> V
         members: ``{ext: bytes}`` of one sample (an image, ``txt``, ``json``).
         cfg: the filter settings.
         language: callable(text) -> language code, needed when ``cfg.english_only``.
+        uids: a ``matching.UidList`` (or any container of uid strings) when
+            ``cfg.uid_list``: the sample's KEY.json ``uid`` must be in it.
+        eval_images: a ``matching.EvalImages`` when ``cfg.decontaminate``.
     Returns:
         A ``Verdict``: reason is one of ``REASONS`` or None; note says what was wrong
         (for the debug log); url and image_ext describe a passing sample.
@@ -234,24 +312,26 @@ def check_sample(key: str, members: dict, cfg: FilterConfig, language=None) -> V
     try:
         caption = members["txt"].decode("utf-8").strip()
         meta = json.loads(members["json"])
-        url = (meta.get("url") or "") if isinstance(meta, dict) else ""
+        meta = meta if isinstance(meta, dict) else {}
+        if uids is not None and str(meta.get("uid") or "") not in uids:
+            return Verdict("uid_not_listed", str(meta.get("uid"))[:40])
         facts = image_facts(members[ext], cfg.max_image_pixels, cfg.full_decode)
     except Exception as e:  # noqa: BLE001 - decoders raise many types for bad data
         return Verdict("decode_error", f"{type(e).__name__}: {e}"[:200])
     if facts.too_large:
         return Verdict("too_large", f"{facts.width}x{facts.height}")
-    width, height = facts.width, facts.height
-    if cfg.min_caption_words and len(caption.split()) < cfg.min_caption_words:
-        return Verdict("caption_words", caption[:80])
-    if cfg.min_caption_chars and len(caption) < cfg.min_caption_chars:
-        return Verdict("caption_chars", caption[:80])
-    if cfg.min_image_side and min(width, height) < cfg.min_image_side:
-        return Verdict("min_side", f"{width}x{height}")
-    if cfg.max_aspect_ratio and max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-        return Verdict("aspect_ratio", f"{width}x{height}")
-    if cfg.english_only and language(caption) != "en":
-        return Verdict("not_english", caption[:80])
-    return Verdict(None, "", str(url), ext)
+    width, height = _original_size(meta, facts.width, facts.height)
+    verdict = _rule_verdict(caption, width, height, cfg, language)
+    if verdict:
+        return verdict
+    if eval_images is not None:
+        try:
+            how = eval_images.match(members[ext])
+        except Exception as e:  # noqa: BLE001 - a header that parsed, data that does not
+            return Verdict("decode_error", f"{type(e).__name__}: {e}"[:200])
+        if how:
+            return Verdict("eval_duplicate", f"{how} match of an eval image")
+    return Verdict(None, "", str(meta.get("url") or ""), ext)
 
 
 def sample_info(source: int, position: int, sample: TarSample, verdict: Verdict,
@@ -263,72 +343,12 @@ def sample_info(source: int, position: int, sample: TarSample, verdict: Verdict,
                       sort_order(seed, sample.key), pack_spans(sample.spans, ext), ext)
 
 
-def _drop_duplicates(records: list[SampleInfo], cfg: FilterConfig, dropped: dict) -> list:
-    """First of each image / URL / key in (key, source, position) order stays."""
-    seen_sha, seen_url, seen_key, kept = set(), set(), set(), []
-    for info in sorted(records, key=lambda r: (r.key, r.source, r.position)):
-        if cfg.dedup_sha256 and info.sha256 in seen_sha:
-            dropped["duplicate_sha256"] += 1
-        elif cfg.dedup_url and info.url_hash and info.url_hash in seen_url:
-            dropped["duplicate_url"] += 1
-        elif info.key in seen_key:
-            # Output keys must be unique: webdataset would merge the two samples.
-            dropped["duplicate_key"] += 1
-        else:
-            seen_sha.add(info.sha256)
-            seen_url.add(info.url_hash)
-            seen_key.add(info.key)
-            kept.append(info)
-    return kept
-
-
-def _drop_low_scores(kept: list[SampleInfo], cfg: FilterConfig, dropped: dict) -> list:
-    """Apply the CLIP score threshold, then keep the top fraction (ties: smaller key)."""
-    if cfg.clip_min_score is not None:
-        passed = [r for r in kept if r.score >= cfg.clip_min_score]  # NaN (unscored) fails
-        dropped["clip_score"] += len(kept) - len(passed)
-        kept = passed
-    if cfg.clip_top_fraction:
-        n = math.ceil(cfg.clip_top_fraction * len(kept))
-        ranked = sorted(kept, key=lambda r: (-r.score, r.key))
-        dropped["clip_score"] += len(kept) - n
-        kept = ranked[:n]
-    return kept
-
-
-def plan_shards(records: Iterable[SampleInfo], cfg: FilterConfig
-                ) -> tuple[list[ShardSlot], dict[str, int]]:
-    """Drop duplicates and low CLIP scores and place every remaining sample in a shard.
-
-    Runs on metadata only (no image bytes), on all samples at once, so the result does
-    not depend on how the runner split the work.
-
-    Args:
-        records: one ``SampleInfo`` per sample that passed ``check_sample``.
-        cfg: ``dedup_sha256``, ``dedup_url``, the CLIP settings, ``samples_per_shard``.
-    Returns:
-        ``(placements, dropped)``: one ``ShardSlot`` per kept sample, samples sorted by
-        ``order`` (then key) and cut into shards of exactly ``samples_per_shard`` (the
-        last one may be short); ``dropped`` counts ``duplicate_sha256`` (same image
-        bytes: the smallest key stays), ``duplicate_url`` (same URL: likewise),
-        ``duplicate_key`` (same key, other bytes: the first input tar's stays) and
-        ``clip_score``.
-    """
-    dropped = {"duplicate_sha256": 0, "duplicate_url": 0, "duplicate_key": 0, "clip_score": 0}
-    kept = _drop_duplicates(list(records), cfg, dropped)
-    if cfg.clip_scoring:
-        kept = _drop_low_scores(kept, cfg, dropped)
-    kept.sort(key=lambda r: (r.order, r.key))
-    n = cfg.samples_per_shard
-    return [ShardSlot(*divmod(i, n), info) for i, info in enumerate(kept)], dropped
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.tar"
 
 
 def shard_sizes(total: int, samples_per_shard: int) -> list[int]:
-    """``[n, n, ..., remainder]``: how ``plan_shards`` cuts ``total`` samples."""
+    """``[n, n, ..., remainder]``: how the plan cuts ``total`` samples into shards."""
     full, rest = divmod(total, samples_per_shard)
     return [samples_per_shard] * full + ([rest] if rest else [])
 
@@ -338,7 +358,7 @@ def output_members(members: dict, image_ext: str) -> dict:
     if image_ext == "jpg":
         return members
     out = {k: v for k, v in members.items() if k != image_ext}
-    out["jpg"] = to_jpeg(members[image_ext])
+    out["jpg"] = members[image_ext] if image_ext == "jpeg" else to_jpeg(members[image_ext])
     return out
 
 

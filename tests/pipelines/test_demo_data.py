@@ -103,4 +103,6 @@ def test_filtered_shards_helper_matches_the_artifact_format(tmp_path):
     assert [s["count"] for s in manifest["shards"]] == [4, 4, 2] and manifest["total"] == 10
     members = _tar_members(tmp_path / "shards" / "shard-00000.tar")
     assert sorted(n.rsplit(".", 1)[1] for n in members) == ["jpg"] * 4 + ["json"] * 4 + ["txt"] * 4
-    assert marker["shards"] == 3 and os.path.exists(tmp_path / "shards" / "sizes.json")
+    # the same format as filter_shard's marker: the shard names
+    assert marker["shards"] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert os.path.exists(tmp_path / "shards" / "sizes.json")

@@ -26,7 +26,7 @@ from PIL import Image
 from clipa_model.artifacts import ArtifactError, read_marker, write_marker
 from components.filter_shard.samples import (
     REASONS, FilterConfig, SampleInfo, TruncatedShardError, check_sample, iter_tar_samples, pack_spans,
-    plan_shards, read_spans, sort_order, write_shard_tar)
+    read_spans, sort_order, write_shard_tar)
 from components.filter_shard.component import filter_shard, main, run_filter_shard
 
 SPS = 8  # samples per output shard
@@ -355,33 +355,72 @@ def _info(source, position, key, sha, url=b"", score=float("nan")):
     return SampleInfo(source, position, key, sha, url, sort_order(0, key), b"", "jpg", score)
 
 
-def test_plan_keeps_smallest_key_of_duplicates_and_one_sample_per_key():
+def _dedup_in_buckets(records, cfg, buckets=3):
+    """The Beam graph's dedup levels, run bucket by bucket in plain Python."""
+    from components.filter_shard.plan import DEDUP_LEVELS, bucket_of, first_of_each
+
+    dropped = {}
+    for reason, field in DEDUP_LEVELS:
+        on = {"sha256": cfg.dedup_sha256, "url_hash": cfg.dedup_url}.get(field, True)
+        groups = {}
+        for r in records:
+            groups.setdefault(bucket_of(getattr(r, field), buckets), []).append(r)
+        records, dropped[reason] = [], 0
+        for group in groups.values():
+            kept, n = first_of_each(group, field) if on else (group, 0)
+            records += kept
+            dropped[reason] += n
+    return sorted(records, key=lambda r: (r.key, r.source)), dropped
+
+
+def test_dedup_keeps_smallest_key_of_duplicates_and_one_sample_per_key():
     records = [_info(1, 0, "b", b"same"), _info(0, 5, "a", b"same"),  # same bytes: "a" stays
                _info(0, 1, "c", b"x"), _info(1, 1, "c", b"y"),        # same key: tar 0's stays
                _info(0, 2, "d", b"z", b"u1"), _info(1, 2, "e", b"w", b"u1")]  # same URL: "d"
-    cfg = FilterConfig(samples_per_shard=2)
-    placements, dropped = plan_shards(records, cfg)
-    assert dropped == {"duplicate_sha256": 1, "duplicate_url": 1, "duplicate_key": 1,
-                       "clip_score": 0}
-    assert sorted((p.info.key, p.info.source) for p in placements) == [("a", 0), ("c", 0), ("d", 0)]
-    assert [(p.shard, p.rank) for p in placements] == [(0, 0), (0, 1), (1, 0)]
-    assert plan_shards(records[::-1], cfg)[0] == placements  # input order does not matter
-    no_url = FilterConfig(samples_per_shard=2, dedup_url=False)
-    assert plan_shards(records, no_url)[1]["duplicate_url"] == 0
+    kept, dropped = _dedup_in_buckets(records, FilterConfig())
+    assert dropped == {"duplicate_sha256": 1, "duplicate_url": 1, "duplicate_key": 1}
+    assert [(r.key, r.source) for r in kept] == [("a", 0), ("c", 0), ("d", 0)]
+    for buckets in (1, 2, 7):  # the bucketing and the input order do not matter
+        assert _dedup_in_buckets(records[::-1], FilterConfig(), buckets) == (kept, dropped)
+    assert _dedup_in_buckets(records, FilterConfig(dedup_url=False))[1]["duplicate_url"] == 0
 
 
-def test_plan_applies_clip_threshold_then_top_fraction():
-    records = [_info(0, i, f"k{i}", bytes([i]), score=s)
-               for i, s in enumerate([0.9, 0.1, 0.5, float("nan"), 0.7, 0.3])]
-    keep = lambda **kw: sorted(p.info.key for p in plan_shards(records, FilterConfig(  # noqa: E731
-        clip_model="m", **kw))[0])
-    assert keep(clip_min_score=0.4) == ["k0", "k2", "k4"]  # unscored (NaN) fails
-    assert keep(clip_top_fraction=0.5) == ["k0", "k2", "k4"]
-    assert keep(clip_min_score=0.4, clip_top_fraction=0.5) == ["k0", "k4"]  # ceil(1.5)
+def _top_fraction(records, fraction):
+    """The Beam graph's radix select, pass by pass, on records split over two 'tars'."""
+    from components.filter_shard.plan import (PASSES, merge_counts, narrow, pass_histogram,
+                                              rank_value, start_pick)
+
+    tars = [records[::2], records[1::2]]
+    pick = start_pick(fraction, len(records))
+    for _ in range(PASSES):
+        pick = narrow(pick, merge_counts(pass_histogram(t, pick) for t in tars))
+    return sorted(r.key for r in records if rank_value(r) >= pick.threshold)
+
+
+def test_top_fraction_is_exact_with_ties_and_unscored_samples():
+    scores = [0.9, 0.1, 0.5, float("nan"), 0.7, 0.3, 0.5, 0.5, -0.2, 0.5]
+    records = [_info(0, i, f"k{i}", bytes([i]), score=s) for i, s in enumerate(scores)]
+    top = _top_fraction(records, 0.5)
+    assert len(top) == 5 and {"k0", "k4"} <= set(top)  # 0.9, 0.7, then 3 of the four 0.5s
+    assert set(top) - {"k0", "k4"} < {"k2", "k6", "k7", "k9"}
+    assert _top_fraction(records, 0.1) == ["k0"]
+    assert len(_top_fraction(records, 1.0)) == 10  # NaN ranks last but a fraction of 1 keeps it
+    assert "k3" not in _top_fraction(records, 0.9)
     with pytest.raises(ValueError, match="clip_model"):
         FilterConfig(clip_top_fraction=0.5).validate()
     with pytest.raises(ValueError, match="clip_top_fraction=1.5"):
         FilterConfig(clip_model="m", clip_top_fraction=1.5).validate()
+
+
+def test_output_positions_deal_the_tars_round_robin():
+    from components.filter_shard.plan import output_positions, tar_order
+
+    counts = {0: 3, 1: 0, 2: 5, 3: 1, 7: 2}
+    order = tar_order(list(counts), seed=4)
+    dealt = [(s, r) for r in range(max(counts.values())) for s in order if r < counts[s]]
+    got = {(s, r): output_positions(counts, s, 4)(r) for s in counts for r in range(counts[s])}
+    assert sorted(got.values()) == list(range(sum(counts.values())))  # a permutation
+    assert [k for k, _ in sorted(got.items(), key=lambda kv: kv[1])] == dealt
 
 
 def test_component_logs_metrics_and_copies_report(input_dir, tmp_path):
@@ -402,7 +441,7 @@ def test_component_logs_metrics_and_copies_report(input_dir, tmp_path):
 
 def test_command_line(input_dir, tmp_path, capsys):
     main(["--input", input_dir, "--output", str(tmp_path), "--samples-per-shard", "8",
-          "--no-dedup", "--option", "direct_num_workers=1"])
+          "--no-dedup-sha256", "--option", "direct_num_workers=1"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["count"] == GOOD + 1 and printed["settings"]["dedup_sha256"] is False
 
@@ -471,7 +510,7 @@ def test_english_and_clip_score_filters_end_to_end(tmp_path, tiny_model):
     top = sorted(zip(scores, [s["key"] for s in english]), key=lambda t: (-t[0], t[1]))[:3]
     kept = _samples_of(str(tmp_path / "out" / "shard-00000.tar"))
     assert sorted(kept) == sorted(k for _, k in top)
-    with pytest.raises(ArtifactError, match="nope"):
+    with pytest.raises(ValueError, match="nope.*not a model"):
         run_filter_shard(str(folder), str(tmp_path / "out2"), clip_model=str(tmp_path / "nope"),
                          clip_min_score=0.1)
 
