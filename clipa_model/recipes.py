@@ -1,9 +1,8 @@
 """Recipes: the stages of a CLIPA run and the demo data they expect, by name.
 
 ``DEMO`` trains the ``tiny`` preset on the synthetic texture data (pipelines/demo_data.py)
-on a 2-core CPU in about 5 minutes of training (zero-shot top-1 on its 10 held-out
-classes in ``make demo``, seed 1: 57.2% / 63.6% / 62.8% after pretraining / the 224 px / the
-336 px finetune; how much the finetunes add varies with the seed, see the README);
+on a 2-core CPU in about 5 minutes of training (its measured accuracy, and how much the
+finetunes add across seeds: README);
 ``SMOKE`` is the same code path shrunk to run end to end in
 about a minute (accuracy irrelevant). The paper's schedules (``PAPER_*``,
 never run here) are typed stage configs built by ``paper_stage``: peak LR = base x batch /
@@ -58,7 +57,7 @@ class Recipe(Mapping):
     image_px: int = 256
     preset: str = "tiny"
     seed: int = 0
-    data: str = "synthetic shapes (pipelines/demo_data.py)"
+    data: str = "synthetic textures (pipelines/demo_data.py)"
     expected_top1: float | None = None
 
     def __getitem__(self, name: str) -> StageConfig:
@@ -89,10 +88,9 @@ DEMO = Recipe(
         # Finetunes: 16 tokens, not CLIPA's 32. The demo captions fit in 16, and the text
         # tower pools its last position, which at 32 is padding for every caption (measured
         # at 224 px: 55.0% top-1 with 16, 53.0% with 32). LRs and lengths from a sweep on
-        # the demo data. Over 6 runs (seeds and shard orders) the 224 px finetune moved
-        # top-1 by +6.2, +6.4, +7.4, +10.0, -4.4 and -5.8 points: at 224 px a texture
-        # period spans 2.7x the patches it did at 84 px, and in some runs the tiny ViT's
-        # 84 px features for a class (often checkerboard) do not carry over.
+        # the demo data. What the 224 px finetune adds varies with the seed (README): at
+        # 224 px a texture period spans 2.7x the patches it did at 84 px, and in some runs
+        # the tiny ViT's 84 px features for a class (often checkerboard) do not carry over.
         "finetune_224": StageConfig(stage="finetune_224", image_size=224, text_len=16,
                                     mask_ratio=0.3, samples=6_000, batch_size=32, lr=3e-4,
                                     warmup_frac=0.1, crop_scale=(0.5, 1.0), log_every=20,

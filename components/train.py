@@ -220,4 +220,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from components.cli_errors import run_main
+
+    sys.exit(run_main(main, "python -m components.train"))

@@ -32,6 +32,8 @@ DOWNLOAD = re.compile(r"download progress: (\d+) of (\d+) shards")
 EVAL = re.compile(r"top1 ([\d.]+) top5 ([\d.]+)")
 # components/filter_shard/component.py's result line
 FILTER = re.compile(r"filter_shard: kept (\d+) of (\d+) samples")
+# clipa_model/train_stage.py's resume line
+RESUMED = re.compile(r"(\w+): resumed from step (\d+)")
 FAILURE_TAIL = 25  # log lines of a failed step shown on the console
 
 
@@ -104,6 +106,8 @@ class LiveView(io.TextIOBase):
             step.facts.update(top1=float(m.group(1)), top5=float(m.group(2)))
         elif m := FILTER.search(line):
             step.facts.update(kept=int(m.group(1)), read=int(m.group(2)))
+        elif m := RESUMED.search(line):
+            step.facts.update(resumed=int(m.group(2)))
 
     def _start(self, name: str) -> None:
         name = self.display_names.get(name, name)
@@ -150,7 +154,7 @@ class LiveView(io.TextIOBase):
 
 def _facts(facts: dict) -> str:
     """', 40,000 samples, 303.2 samples/s' / ', top-1 62.8%, top-5 99.2%' from what was parsed."""
-    parts = []
+    parts = [f"resumed from step {facts['resumed']}"] if "resumed" in facts else []
     if "samples" in facts:
         parts += [f"{facts['samples']:,} samples", f"{facts['rate']:.1f} samples/s",
                   f"final loss {facts['loss']}"]

@@ -20,12 +20,9 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset
 
 from clipa_model import recipes
-from components.evaluate import evaluate
-from components.export import export
-from components.filter_shard.component import filter_shard
+from components import evaluate as evaluate_module, export as export_module, run_report, train
+from components.filter_shard import component as filter_module
 from components.filter_shard.existing import import_shards
-from components.run_report import summarize
-from components.train import finetune, pretrain
 from pipelines import data_source
 from pipelines.placement import PlacedStep
 from pipelines.publish import register_model
@@ -33,12 +30,12 @@ from pipelines.publish import register_model
 # Steps follow the placement active at compile time (pipelines/placement.py); compiled as
 # they are (pipeline.yaml, clipa run) each one is its plain component. The data source
 # step (download or import_shards) is placed as "download" where the pipeline is traced.
-filter_shard = PlacedStep("filter_shard", filter_shard)
-pretrain = PlacedStep("pretrain", pretrain)
-finetune = PlacedStep("finetune", finetune)
-evaluate = PlacedStep("evaluate", evaluate)
-summarize = PlacedStep("summarize", summarize)
-export = PlacedStep("export", export)
+filter_shard = PlacedStep("filter_shard", filter_module.filter_shard)
+pretrain = PlacedStep("pretrain", train.pretrain)
+finetune = PlacedStep("finetune", train.finetune)
+evaluate = PlacedStep("evaluate", evaluate_module.evaluate)
+summarize = PlacedStep("summarize", run_report.summarize)
+export = PlacedStep("export", export_module.export)
 
 PIPELINE_NAME = "clipa-training"
 

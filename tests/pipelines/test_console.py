@@ -86,3 +86,12 @@ def test_verbose_passes_everything_through():
     text = _kfp_task("pretrain", _train_lines("pretrain", 4))
     view.write(text)
     assert console.getvalue() == text
+
+
+def test_a_resumed_stage_says_from_which_step():
+    console = io.StringIO()
+    view = LiveView(io.StringIO(), console)
+    body = ["    [KFP Executor] pretrain: resumed from step 4 (/w/checkpoints/pretrain-ab12)\n",
+            *_train_lines("pretrain", 8)[4:]]
+    view.write(_kfp_task("pretrain", body))
+    assert "pretrain done in" in console.getvalue() and "resumed from step 4" in console.getvalue()

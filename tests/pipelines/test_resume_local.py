@@ -3,6 +3,7 @@ and workdir: the pretrain resumes from its newest checkpoint under PIPELINE_ROOT
 and the weights of every stage equal those of each stage run uninterrupted on the same data.
 """
 import glob
+import json
 import os
 import re
 import signal
@@ -20,7 +21,9 @@ from clipa_model.train_stage import train_stage
 from support import REPO_ROOT
 
 # The smoke recipe, smaller: a 12-step pretrain checkpointing every 2 steps, short finetunes.
-PARAMS = {"pretrain_samples": 768, "ft224_samples": 64, "ft336_samples": 32,
+PARAMS = {"stage_overrides": json.dumps({"pretrain": {"samples": 768},
+                                         "finetune_224": {"samples": 64},
+                                         "finetune_336": {"samples": 32}}),
           "checkpoint_every": 2}
 KILL_AFTER = 4  # pretrain steps checkpointed before the kill
 
@@ -80,7 +83,8 @@ def test_clipa_run_killed_mid_pretrain_resumes_and_matches_uninterrupted_stages(
     rerun = subprocess.run(_command(workdir), cwd=REPO_ROOT, env=_env(), capture_output=True,
                            text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    log = rerun.stdout + rerun.stderr
+    log = rerun.stdout + rerun.stderr + open(os.path.join(workdir, "clipa-run.log")).read()
+    assert re.search(r"pretrain-84 done in .*resumed from step \d+", rerun.stdout)  # the console
     resumed = [int(n) for n in re.findall(r"pretrain: resumed from step (\d+)", log)]
     assert resumed == [max(saved)]
     assert not re.search(r"finetune_\d+: resumed from step", log)

@@ -55,13 +55,13 @@ def one_process_weights(data_dir: str, stage: StageConfig, world_size: int,
     return model.state_dict()
 
 
-def assert_same_weights(got: dict, expected: dict) -> None:
+def assert_same_weights(got: dict, expected: dict, atol: float = 1e-4) -> None:
     for key, value in expected.items():
         mine = got[key]
         if key.endswith("attn.in_proj_bias"):  # drop the key third (see the module docstring)
             width = value.shape[0] // 3
             value, mine = (torch.cat([t[:width], t[2 * width:]]) for t in (value, mine))
-        torch.testing.assert_close(mine, value, rtol=1e-4, atol=1e-4, msg=key)
+        torch.testing.assert_close(mine, value, rtol=1e-4, atol=atol, msg=key)
 
 
 # ---------------------------------------------------------------- compiled worker pools
