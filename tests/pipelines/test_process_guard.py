@@ -71,7 +71,6 @@ def test_a_finished_run_leaves_no_worker_and_no_temp_folder(start):
     assert not os.path.exists(run_tmp) and not os.path.exists(step_tmp)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_die_with_parent_ends_a_child_when_its_parent_is_killed(tmp_path):
     # parent -> child; the child asks to die with its parent; the parent is SIGKILLed.
     pid_file = tmp_path / "child"
