@@ -67,6 +67,12 @@ PRESETS: dict[str, Preset] = {
     # MLP 8192 wide: int(1664 * 8192 / 1664) == 8192, like open_clip's mlp_ratio 4.9231.
     "bigG/14": Preset(1280, 14, 1664, 48, 16, 1280, 32, 20, vision_mlp_ratio=8192 / 1664,
                       open_clip_name="ViT-bigG-14-CLIPA"),
+    # Wider image towers of the tiny model (heads of 64 channels, same depth and text tower):
+    # the model sizes of the inverse-scaling law in miniature (bench/bench_token_scaling.py).
+    "tiny-w192": Preset(embed_dim=128, patch_size=14, vision_width=192, vision_layers=4,
+                        vision_heads=3, text_width=128, text_layers=2, text_heads=2, **_BPE),
+    "tiny-w256": Preset(embed_dim=128, patch_size=14, vision_width=256, vision_layers=4,
+                        vision_heads=4, text_width=128, text_layers=2, text_heads=2, **_BPE),
     # The tiny model with CLIPA-v2's BERT tokenizer (32,000-row embedding, vocab.txt needed).
     "tiny-bert": Preset(embed_dim=128, patch_size=14, vision_width=128, vision_layers=4,
                         vision_heads=2, text_width=128, text_layers=2, text_heads=2),
