@@ -43,14 +43,17 @@ def default_checkpoint_root(model_path: str) -> str:
 def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metrics, recipe: str,
                          stage_overrides, preset: str = "", seed: int = -1,
                          loader_workers: int = -1, torch_threads: int = -1,
-                         procs_per_node: int = 0, init: str = "", run_fields: dict | None = None,
-                         options: dict | None = None) -> dict | None:
+                         procs_per_node: int = 0, init: str = "", checkpoint_root: str = "",
+                         checkpoint_every: int = -1, checkpoint_minutes: float = -1.0,
+                         eval_set=None, zeroshot_every: int = -1,
+                         report_to: str = "tensorboard", resume_from: str = "") -> dict | None:
     """What both training components do: resolve the stage, launch its processes, report.
 
     Everything is checked before any process starts: the data artifact, the recipe and overrides
     (``recipes.resolve_stage``), the process count against the accelerators present and
     the batch against world size x accum_steps. On a multi-node job only global rank 0
-    writes the Model artifact and the metrics.
+    writes the Model artifact and the metrics. The parameters follow the components' own
+    order, so both pass theirs through unchanged and the settings are converted here once.
 
     Args:
         stage_name: the recipe's stage ("pretrain", "finetune_224", ...).
@@ -60,10 +63,11 @@ def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metric
             recipe's).
         procs_per_node: training processes per node (0 = one per accelerator).
         init: the model to start from: a Model artifact folder or ``open_clip:NAME:FILE``.
-        run_fields: more run-level StageConfig fields (checkpoint_every, checkpoint_minutes,
-            zeroshot_every; negative = the recipe's).
-        options: ``train_stage``'s keyword options (checkpoint_root, eval_set, report_to,
-            resume_from); checkpoint_root "" = PIPELINE_ROOT/checkpoints.
+        checkpoint_every, checkpoint_minutes, zeroshot_every: more run-level StageConfig
+            fields (negative = the recipe's).
+        checkpoint_root, report_to, resume_from: ``train_stage``'s options as the components
+            take them; checkpoint_root "" = PIPELINE_ROOT/checkpoints, resume_from "" = none.
+        eval_set: the eval-set Dataset artifact for zero-shot probes, or None.
     Returns:
         Rank 0's ``train_stage`` result (None on nodes other than the primary).
     """
@@ -77,12 +81,14 @@ def launch_training_step(stage_name: str, data_dir: str, output_dir: str, metric
     def given(v):
         return None if v < 0 else v
 
-    more = {k: given(v) for k, v in (run_fields or {}).items()}
     stage = resolve_stage(recipe, stage_overrides, stage_name, seed=given(seed),
                           num_workers=given(loader_workers), num_threads=given(torch_threads),
-                          **more)
-    options = dict(options or {})
-    options["checkpoint_root"] = options.get("checkpoint_root") or default_checkpoint_root(output_dir)
+                          checkpoint_every=given(checkpoint_every),
+                          checkpoint_minutes=given(checkpoint_minutes),
+                          zeroshot_every=given(zeroshot_every))
+    options = dict(checkpoint_root=checkpoint_root or default_checkpoint_root(output_dir),
+                   report_to=report_to, resume_from=resume_from or None,
+                   eval_set=eval_set.path if eval_set is not None else None)
     layout = node_layout(procs_per_node, stage.device)
     check_batch(stage, layout.world_size)
     preset = None if init else (preset or load_recipe(recipe).preset)
@@ -127,12 +133,8 @@ def pretrain(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
 
     launch_training_step("pretrain", data.path, model.path, metrics, recipe, stage_overrides,
                          preset, seed, loader_workers, torch_threads, procs_per_node, init,
-                         run_fields=dict(checkpoint_every=checkpoint_every,
-                                         checkpoint_minutes=checkpoint_minutes,
-                                         zeroshot_every=zeroshot_every),
-                         options=dict(checkpoint_root=checkpoint_root, report_to=report_to,
-                                      eval_set=eval_set.path if eval_set is not None else None,
-                                      resume_from=resume_from or None))
+                         checkpoint_root, checkpoint_every, checkpoint_minutes, eval_set,
+                         zeroshot_every, report_to, resume_from)
 
 
 @clipa_component(TRAIN_IMAGE)
@@ -160,13 +162,9 @@ def finetune(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics
         raise ValueError(f"finetune {stage}: give init_model (a Model artifact) or init "
                          "(open_clip:NAME:FILE); a finetune starts from a trained model")
     launch_training_step(stage, data.path, model.path, metrics, recipe, stage_overrides, "", seed,
-                         loader_workers, torch_threads, procs_per_node, start,
-                         run_fields=dict(checkpoint_every=checkpoint_every,
-                                         checkpoint_minutes=checkpoint_minutes,
-                                         zeroshot_every=zeroshot_every),
-                         options=dict(checkpoint_root=checkpoint_root, report_to=report_to,
-                                      eval_set=eval_set.path if eval_set is not None else None,
-                                      resume_from=resume_from or None))
+                         loader_workers, torch_threads, procs_per_node, start, checkpoint_root,
+                         checkpoint_every, checkpoint_minutes, eval_set, zeroshot_every,
+                         report_to, resume_from)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,9 @@ process is not taken for a survivor.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from contextlib import contextmanager
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -62,3 +64,27 @@ def wait_for(predicate, seconds: float = 120.0, every: float = 0.2):
             return value
         time.sleep(every)
     raise AssertionError(f"not reached within {seconds} s: {predicate}")
+
+
+def sigkill(proc: subprocess.Popen, seconds: float = 20.0) -> tuple[set, set]:
+    """SIGKILL ``proc`` alone, as the OOM killer or a user would (its descendants get no
+    signal from here: what ends them is what the caller tests).
+
+    Returns:
+        (its descendants running at the kill, those of them still running ``seconds`` later)
+    """
+    tree = running(descendants(proc.pid))
+    proc.kill()
+    proc.wait()
+    return tree, wait_until_gone(tree, seconds)
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen):
+    """``proc``, SIGKILLed on the way out if it still runs, so a failed test leaves no process."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

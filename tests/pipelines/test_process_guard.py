@@ -5,13 +5,12 @@ through kfp.local's own ``run_local_subprocess``; the step starts a grandchild a
 a temporary folder, then the driver is killed (or ends) and the test looks at /proc.
 """
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from process_tree import descendants, running, wait_for, wait_until_gone
+from process_tree import descendants, reaped, sigkill, wait_for, wait_until_gone
 from support import REPO_ROOT
 
 # The step: a temporary folder (as evaluate / download / Beam make), a grandchild that
@@ -55,11 +54,9 @@ def start(tmp_path):
 def test_sigkill_of_the_run_takes_steps_grandchildren_and_temp_folders(start):
     driver, run_tmp, step_tmp = start(300)
     assert step_tmp.startswith(run_tmp + os.sep)  # the step's tempfile went into the run's
-    tree = descendants(driver.pid)
-    assert len(running(tree)) >= 3  # the step, its grandchild, the reaper
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert wait_until_gone(tree) == set()
+    tree, survivors = sigkill(driver)
+    assert len(tree) >= 3  # the step, its grandchild, the reaper
+    assert survivors == set()
     wait_for(lambda: not os.path.exists(run_tmp), 20)
 
 
@@ -82,11 +79,9 @@ def test_die_with_parent_ends_a_child_when_its_parent_is_killed(tmp_path):
          "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); time.sleep(300)",
          child, str(pid_file)], cwd=REPO_ROOT, start_new_session=True)
     wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60)
-    tree = descendants(parent.pid)
-    assert len(running(tree)) == 1
-    parent.kill()
-    parent.wait()
-    assert wait_until_gone(tree, 10) == set()
+    tree, survivors = sigkill(parent, 10)
+    assert len(tree) == 1
+    assert survivors == set()
 
 
 def _training_step_with_loader(root_pid: int):
@@ -108,19 +103,13 @@ def test_sigkill_of_clipa_run_during_training_leaves_nothing_behind(tmp_path):
     process of it survives and its temporary root holds nothing but torch's cache."""
     tmp_root = tmp_path / "tmp"  # the run's system temporary folder, to list afterwards
     tmp_root.mkdir()
-    run = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--recipe", "smoke",
-                            "--workdir", str(tmp_path / "run")], cwd=REPO_ROOT,
-                           env={**os.environ, "TMPDIR": str(tmp_root)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with reaped(subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "run", "--recipe", "smoke", "--workdir",
+             str(tmp_path / "run")], cwd=REPO_ROOT, env={**os.environ, "TMPDIR": str(tmp_root)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) as run:
         wait_for(lambda: _training_step_with_loader(run.pid), 600, every=1.0)
-        tree = descendants(run.pid)  # the step, its loader, the reaper, Beam/KFP leftovers
-        run.kill()
-        run.wait()
-        assert wait_until_gone(tree, 30) == set()
-    finally:
-        if run.poll() is None:
-            run.kill()
+        tree, survivors = sigkill(run, 30)  # the step, its loader, the reaper, Beam/KFP leftovers
+        assert tree and survivors == set()
     # torchinductor_<user> is torch's compile cache, shared by every run of the user.
     wait_for(lambda: [p.name for p in tmp_root.iterdir()
                       if not p.name.startswith("torchinductor_")] == [], 30)

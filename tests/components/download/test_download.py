@@ -291,27 +291,21 @@ def test_shards_without_a_fingerprint_are_refused(downloaded):
 
 def test_sigkill_takes_img2datasets_workers_and_a_rerun_stays_one_job(served, tmp_path):
     """A download killed mid-shard: no worker outlives it; the folder keeps its job."""
-    from process_tree import descendants, wait_for, wait_until_gone
+    from process_tree import reaped, sigkill, wait_for
 
     out, urls = tmp_path / "out", tmp_path / "urls.parquet"
     with serve_with_headers(str(served["root"])) as drip:  # /drip/: 16 bytes per 0.5 s
         pd.DataFrame({"url": [f"{drip.base_url}/drip/images/{i:04d}.jpg" for i in range(4)],
                       "caption": [f"a slow image number {i}" for i in range(4)]}
                      ).to_parquet(urls)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "components.download", "--url-list", str(urls), "--output",
-             str(out), "--allow-networks", ALLOW, "--timeout", "120", "--image-size", "64"],
-            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        with reaped(subprocess.Popen(
+                [sys.executable, "-m", "components.download", "--url-list", str(urls), "--output",
+                 str(out), "--allow-networks", ALLOW, "--timeout", "120", "--image-size", "64"],
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) as proc:
             wait_for(lambda: drip.requests["drip/images/0000.jpg"], 120)  # fetching now
-            workers = descendants(proc.pid)  # img2dataset's worker and logger processes
-            assert len(workers) >= 2
-            proc.kill()
-            proc.wait()
-            assert wait_until_gone(workers, 20) == set()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+            workers, survivors = sigkill(proc, 20)
+            assert len(workers) >= 2  # img2dataset's worker and logger processes
+            assert survivors == set()
     assert not (out / "clipa_artifact.json").exists()  # unfinished
     with pytest.raises(ValueError, match=r"unfinished shards of another download.*image_size"):
         run_download(str(urls), str(out), **{**DOWNLOAD_ARGS, "image_size": 32})
