@@ -240,7 +240,6 @@ def _arrow_batches(path: str, fmt: str, batch_rows: int):
     pandas does; it has no streaming form)."""
     import pyarrow as pa
     import pyarrow.json as pjson
-    import pyarrow.parquet as pq
 
     if fmt == "json" and _first_line(path).lstrip().startswith("["):
         yield from pa.Table.from_pandas(_read_table(path, fmt), preserve_index=False).to_batches(batch_rows)
