@@ -15,9 +15,20 @@ pipeline, ~0.6 s of Beam's own introspection, and starting the runner), which a 
 input pays in full and a web-scale one not at all; the per-sample rate without it is
 printed beside the end-to-end one.
 
-Prints samples/s of each, the ratio filter/copy (issue floor: >= 0.5) and the load
+Prints samples/s of each, the ratio filter/copy (issue floor: >= 0.9) and the load
 average at start and end. Each is timed ``--repeat`` times and the best run counts (the
 CPU is shared: a ratio measured under load is noisier, not biased, as both run under it).
+
+Measured (2 CPUs shared with a training benchmark, load ~3.4, --repeat 5, alternating
+runs of the code before and after): before 0.51 and 0.54, after 0.59 and 0.57; on an
+idle machine the code before measured 0.74 and 0.86. Below the 0.9 floor. Where a run's
+time goes (``--profile``): reading and checking the tars (~0.6 s of ~2.5 s), writing the
+output tars (~0.4 s), Beam's runner moving the image bytes of the ByShard shuffle
+(~0.3 s), and ~0.35 s of wall time in which the runner waits for Beam's state-sampler
+thread to end at each of the 9 bundles (it sleeps up to 200 ms between samples; a
+fixed cost per bundle, not per sample). Saved: the kept samples of each tar travel as
+one pickle (Beam's default coder pickled every SampleInfo on its own: 22,515 pickles
+for 7,505 kept samples) and tar headers are built from a template (~3-5% together).
 """
 from __future__ import annotations
 
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> float:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--per-shard", type=int, default=1000)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="runs of each; the best counts (the copy alone varied 1.4-2.4 s in 2 runs)")
     ap.add_argument("--profile", action="store_true", help="cProfile one filter run")
     args = ap.parse_args(argv)
 
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> float:
     print(f"filter_shard:    {n / filt_s:,.0f} samples/s ({filt_s:.2f} s), of which a fixed "
           f"{fixed_s:.2f} s (8-sample input); {n / max(filt_s - fixed_s, 1e-9):,.0f} samples/s "
           "without it")
-    print(f"ratio filter/copy: {ratio:.2f} (issue floor 0.5)")
+    print(f"ratio filter/copy: {ratio:.2f} (issue floor: >= 0.9)")
     print(_load(), "at end")
     return ratio
 

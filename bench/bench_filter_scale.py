@@ -18,6 +18,9 @@
    floor: at most 1.3x for 10x the samples) and of the runner process.
 2. ``split_url_list`` of a parquet URL list of R and 10R rows (generated in row groups of
    65,536, so the generator stays small too): peak RSS of the process doing the split.
+   Measured (2 shared cores, load ~5): 1M rows 272 MiB, 10M rows 280 MiB, x1.03. Before
+   the parquet reads stopped pre-buffering (``url_list.iter_parquet``) it was 283 -> 420
+   MiB (x1.48): pyarrow read every row group of the list up front, ~16 bytes a row.
 
 Each measurement runs in a fresh interpreter, so one peak does not hide another.
 """

@@ -32,7 +32,8 @@ import pandas as pd
 from clipa_model import artifacts
 from components.download.options import DownloadOptions
 from components.download.stats import download_result, render_report, summarize_stats
-from components.download.url_list import BATCH_ROWS, UrlListError, iter_url_batches, read_url_list
+from components.download.url_list import (BATCH_ROWS, UrlListError, iter_parquet, iter_url_batches,
+                                          read_url_list)
 from components.download.url_safety import parse_allow_list, screen_url
 
 log = logging.getLogger("clipa.download")
@@ -288,8 +289,6 @@ def _screen_stream(url_list: str, plan_dir: str, url_col: str, caption_col: str,
 
 def _cut_parts(plan_dir: str, kept_rows: int, parts: int, samples_per_shard: int) -> list[dict]:
     """Pass 2: stream ``screened.parquet`` into ``part-NNNNN.parquet`` on shard boundaries."""
-    import pyarrow.parquet as pq
-
     total_shards = -(-kept_rows // samples_per_shard)
     bounds = [total_shards * i // parts for i in range(parts + 1)]
     plan = [{"part": i, "first_shard": bounds[i], "shards": bounds[i + 1] - bounds[i],
@@ -302,7 +301,7 @@ def _cut_parts(plan_dir: str, kept_rows: int, parts: int, samples_per_shard: int
     starts = [(p["first_shard"] * samples_per_shard, p["part"]) for p in plan]
     row = 0
     with fsspec.open(artifacts.join(plan_dir, SCREENED), "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+        for batch in iter_parquet(f, BATCH_ROWS):
             # split the batch where a part starts (a few cuts per batch at most)
             cuts = [s - row for s, _ in starts if row < s < row + batch.num_rows]
             for lo, hi in zip([0, *cuts], [*cuts, batch.num_rows]):

@@ -222,19 +222,31 @@ def _csv_reader(f, path: str, fmt: str):
                              column_types={c: pa.string() for c in header}))
 
 
+def iter_parquet(f, batch_rows: int):
+    """RecordBatches of an open parquet file, one row group's data in memory at a time.
+
+    ``pre_buffer=False``: pyarrow's default pre-buffering coalesces the reads of every
+    row group that ``iter_batches`` will visit into a few large reads made up front, so
+    the whole file (~16 bytes a row for a URL list) sat in memory during the stream;
+    that was the split's growth with list length (bench/bench_filter_scale.py).
+    """
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_rows)
+
+
 def _arrow_batches(path: str, fmt: str, batch_rows: int):
     """pyarrow RecordBatches of one file, read as a stream (a JSON array: whole, as
     pandas does; it has no streaming form)."""
     import pyarrow as pa
     import pyarrow.json as pjson
-    import pyarrow.parquet as pq
 
     if fmt == "json" and _first_line(path).lstrip().startswith("["):
         yield from pa.Table.from_pandas(_read_table(path, fmt), preserve_index=False).to_batches(batch_rows)
         return
     with fsspec.open(path, "rb", compression=None if fmt == "parquet" else "infer") as f:
         if fmt == "parquet":
-            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+            yield from iter_parquet(f, batch_rows)
         elif fmt in ("csv", "tsv"):
             for batch in _csv_reader(f, path, fmt):
                 yield from pa.Table.from_batches([batch]).to_batches(batch_rows)

@@ -220,11 +220,17 @@ class Dedup(beam.DoFn):
             yield source, _pack(group)
 
 
-def _tar_kept(element) -> tuple[int, list]:
-    """``(source, batches)`` -> ``(source, kept SampleInfo in the seeded output order)``."""
+def _tar_kept(element) -> tuple[int, int, bytes]:
+    """``(source, batches)`` -> ``(source, n, kept SampleInfo in the seeded output order)``.
+
+    The list travels pickled whole with its count beside it: as a plain list, Beam's
+    default coder pickled each SampleInfo on its own, once per consumer of this
+    PCollection (~10% of a run, bench/bench_filter.py), and the count per tar is read
+    without unpickling.
+    """
     infos = _unpack_all(element[1])
     infos.sort(key=lambda r: (r.order, r.key))
-    return element[0], infos
+    return element[0], len(infos), _pack(infos)
 
 
 class SumCounts(beam.CombineFn):
@@ -248,29 +254,30 @@ class SumCounts(beam.CombineFn):
 
 def _top_fraction(kept: beam.PCollection, fraction: float) -> beam.PCollection:
     """Keep the top ``fraction`` of all kept samples by CLIP score, exactly, per tar."""
-    total = (kept | "CountKept" >> beam.Map(lambda e: Counter(n=len(e[1])))
+    total = (kept | "CountKept" >> beam.Map(lambda e: Counter(n=e[1]))
              | "SumKept" >> beam.CombineGlobally(SumCounts()))
     pick = total | "StartPick" >> beam.Map(lambda c: start_pick(fraction, c["n"]))
     for i in range(PASSES):
         counts = (kept | f"Histogram{i}" >> beam.Map(
-            lambda e, p: pass_histogram(e[1], p), beam.pvalue.AsSingleton(pick))
+            lambda e, p: pass_histogram(pickle.loads(e[2]), p), beam.pvalue.AsSingleton(pick))
             | f"SumHistogram{i}" >> beam.CombineGlobally(SumCounts()))
         pick = pick | f"Narrow{i}" >> beam.Map(narrow, beam.pvalue.AsSingleton(counts))
     return kept | "CutScores" >> beam.Map(_cut_scores, beam.pvalue.AsSingleton(pick))
 
 
-def _cut_scores(element, pick: Pick) -> tuple[int, list]:
-    source, infos = element
-    passed = [i for i in infos if rank_value(i) >= pick.threshold]
-    Metrics.counter(NAMESPACE, "dropped_clip_score").inc(len(infos) - len(passed))
-    return source, passed
+def _cut_scores(element, pick: Pick) -> tuple[int, int, bytes]:
+    source, n, packed = element
+    passed = [i for i in pickle.loads(packed) if rank_value(i) >= pick.threshold]
+    Metrics.counter(NAMESPACE, "dropped_clip_score").inc(n - len(passed))
+    return source, len(passed), _pack(passed)
 
 
 def _place(element, counts: dict, cfg: FilterConfig) -> Iterator[tuple[int, bytes]]:
-    """``(source, kept)`` -> ``(source, [ShardSlot, ...])`` from the per-tar counts only."""
-    source, infos = element
-    if not infos:
+    """``(source, n, kept)`` -> ``(source, [ShardSlot, ...])`` from the per-tar counts only."""
+    source, n_kept, packed = element
+    if not n_kept:
         return
+    infos = pickle.loads(packed)
     position = output_positions(counts, source, cfg.seed)
     n = cfg.samples_per_shard
     yield source, _pack([ShardSlot(*divmod(position(r), n), info)
@@ -350,7 +357,7 @@ def build_beam_graph(p: beam.Pipeline, tar_paths: list[str], output_dir: str,
     kept = checked | "ByInputTar" >> beam.GroupByKey() | "TarKept" >> beam.Map(_tar_kept)
     if cfg.clip_scoring and cfg.clip_top_fraction:
         kept = _top_fraction(kept, cfg.clip_top_fraction)
-    counts = kept | "KeptPerTar" >> beam.Map(lambda e: (e[0], len(e[1])))
+    counts = kept | "KeptPerTar" >> beam.Map(lambda e: (e[0], e[1]))
     return (kept
             | "Place" >> beam.FlatMap(_place, beam.pvalue.AsDict(counts), cfg)
             | "ReadKept" >> beam.ParDo(ReadKept(tar_paths))

@@ -59,7 +59,8 @@ def _checksum_ok(header: bytes) -> bool:
         want = int(stored.split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
         return False
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    # one pass over the block (no slice copies): ~70,000 headers a bench run
+    unsigned = sum(header) - sum(stored) + 8 * 32
     if unsigned == want:
         return True
     signed = unsigned - 2 * sum(b for b in header if b > 127)  # old tars summed signed bytes
@@ -158,19 +159,34 @@ def safe_key(key: str) -> bool:
     return all(part not in ("", ".", "..") for part in key.split("/"))
 
 
-def _ustar_header(name: bytes, size: int) -> bytes:
-    """The ustar header ``tarfile`` (PAX_FORMAT) writes for a plain short name."""
+def _ustar_template() -> bytes:
+    """The fields of ``_ustar_header`` that are the same for every member."""
     h = bytearray(BLOCK)
-    h[0:len(name)] = name
     h[100:108] = b"%07o\0" % _MODE
     h[108:116] = b"0000000\0"  # uid
     h[116:124] = b"0000000\0"  # gid
-    h[124:136] = b"%011o\0" % size
     h[136:148] = b"%011o\0" % _MTIME
-    h[148:156] = b" " * 8
+    h[148:156] = b" " * 8  # the checksum field counts as spaces
     h[156:157] = b"0"
     h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+_USTAR = _ustar_template()
+_USTAR_SUM = sum(_USTAR)
+
+
+def _ustar_header(name: bytes, size: int) -> bytes:
+    """The ustar header ``tarfile`` (PAX_FORMAT) writes for a plain short name.
+
+    Built on a fixed template whose byte sum is known, so the checksum adds only the
+    name and size bytes (one header per member written).
+    """
+    size_field = b"%011o\0" % size
+    h = bytearray(_USTAR)
+    h[0:len(name)] = name
+    h[124:136] = size_field
+    h[148:156] = b"%06o\0 " % (_USTAR_SUM + sum(name) + sum(size_field))
     return bytes(h)
 
 

@@ -65,3 +65,34 @@ def test_streamed_split_names_a_bad_file(url_folder, tmp_path):
     (url_folder / "e.jsonl").write_text('{"url": "http://x/1.jpg"}\n')  # no caption column
     with pytest.raises(UrlListError, match=r"e\.jsonl: no 'caption' column"):
         download_run.split_url_list(str(url_folder), str(tmp_path / "plan"))
+
+
+class _CountingFile:
+    """A binary file that counts the bytes read through it."""
+
+    def __init__(self, f):
+        self.f, self.read_bytes = f, 0
+
+    def read(self, *args):
+        data = self.f.read(*args)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_parquet_stream_reads_one_row_group_at_a_time(tmp_path):
+    # pyarrow's default pre-buffering read every row group up front: the whole list in
+    # memory while streaming it, the split's growth with list length.
+    from components.download.url_list import iter_parquet
+
+    path = tmp_path / "big.parquet"
+    _rows(20_000).to_parquet(path, row_group_size=1000)
+    with open(path, "rb") as raw:
+        f = _CountingFile(raw)
+        batches = iter_parquet(f, 1000)
+        first = next(batches)
+        assert first.num_rows == 1000
+        assert f.read_bytes < path.stat().st_size / 4, (f.read_bytes, path.stat().st_size)
+        assert sum(b.num_rows for b in batches) == 19_000
