@@ -2,8 +2,12 @@
 
     (index, tar path) -> Reshuffle (spread the input shards over workers)
       -> CheckShard: check every sample (header-only image checks, captions, language,
-                     uid list, eval-set hashes, CLIP score) -> SampleInfo batches keyed
-                     by the bucket of their image sha256
+                     eval-set hashes, CLIP score) -> SampleInfo batches keyed by the
+                     bucket of their image sha256 [with a uid list: of their uid]
+     [uid list pieces (row groups / .npy row slices) -> Reshuffle -> ReadUids: each
+                     piece's uids, one packed array per uid bucket
+      -> CoGroupByKey(uid bucket) with the samples -> KeepListed: the samples whose uid
+                     is in the bucket's share of the list -> keyed by sha256 bucket]
       -> GroupByKey(sha256 bucket) -> Dedup: first of each image  -> keyed by URL bucket
       -> GroupByKey(URL bucket)    -> Dedup: first of each URL    -> keyed by key bucket
       -> GroupByKey(key bucket)    -> Dedup: first of each key, CLIP min score
@@ -17,7 +21,8 @@
       -> GroupByKey(output shard) -> WriteShard
 
 No step holds the dataset on one worker: a dedup bucket holds about one input tar's
-metadata (there are as many buckets as input tars), a tar's group its own kept samples,
+metadata (there are as many buckets as input tars), a uid bucket as much plus at most
+``matching.UIDS_PER_BUCKET`` uids of the list, a tar's group its own kept samples,
 the histogram passes 65,536 counts, the plan one count per tar. Elements are batches
 (per tar and bucket, per tar, per tar and output shard), never single samples: Beam's
 per-element cost would otherwise dominate (measured: ~4x slower). Every drop is a Beam
@@ -37,9 +42,13 @@ from typing import Iterator
 
 import apache_beam as beam
 import fsspec
+import numpy as np
 from apache_beam.metrics import Metrics, MetricsFilter
 
 from clipa_model import artifacts
+from components.filter_shard.matching import (
+    UID_DTYPE, UidList, UidListSource, UidPiece, inspect_uid_list, read_uid_piece, uid_buckets,
+    uid_pair)
 from components.filter_shard.plan import (
     DEDUP_LEVELS, HIST_BINS, PASSES, Pick, bucket_of, first_of_each, merge_counts, narrow,
     output_positions,
@@ -93,7 +102,10 @@ def _language_identifier():
 
 class CheckShard(beam.DoFn):
     """``(index, tar path)`` -> ``(sha256 bucket, [SampleInfo, ...])`` of the samples that
-    pass, one batch per bucket.
+    pass, one batch per bucket; with ``n_uid_buckets`` (a uid list),
+    ``(uid bucket, (uids, [SampleInfo, ...]))`` for ``KeepListed``: the list itself is
+    not here, only the check that each uid is well-formed. (So with CLIP scoring, the
+    samples the list lacks are scored too: the price of not holding the list.)
 
     One element per input tar, not per sample: the runner's per-element cost (pickling,
     counters, bundle bookkeeping) is paid once a shard. A corrupt sample or a truncated
@@ -101,14 +113,13 @@ class CheckShard(beam.DoFn):
     samples before a cut go on.
     """
 
-    def __init__(self, cfg: FilterConfig, buckets: int, eval_images=None):
+    def __init__(self, cfg: FilterConfig, buckets: int, eval_images=None,
+                 n_uid_buckets: int = 0):
         self.cfg, self.buckets, self.eval_images = cfg, buckets, eval_images
+        self.n_uid_buckets = n_uid_buckets
 
     def setup(self):
-        from components.filter_shard.matching import UidList
-
         self.language = _language_identifier() if self.cfg.english_only else None
-        self.uids = UidList.load(self.cfg.uid_list) if self.cfg.uid_list else None
         if self.cfg.clip_scoring:
             from components.filter_shard.clip_score import ClipScorer
 
@@ -118,19 +129,20 @@ class CheckShard(beam.DoFn):
         source, tar_path = element
         start, read = time.perf_counter(), 0
         dropped: Counter = Counter()
-        infos, pending = [], []  # pending: (index in infos, image bytes, caption) to score
+        infos, uids, pending = [], [], []  # pending: (index in infos, image, caption)
         try:
             with _open_for_reading(tar_path) as f:
                 for position, sample in enumerate(iter_tar_samples(f)):
                     read += 1
                     verdict = check_sample(sample.key, sample.members, self.cfg, self.language,
-                                           self.uids, self.eval_images)
+                                           eval_images=self.eval_images)
                     if verdict.reason:
                         dropped[verdict.reason] += 1
                         log.debug("%s: %s dropped (%s: %s)", tar_path, sample.key,
                                   verdict.reason, verdict.note)
                         continue
                     infos.append(sample_info(source, position, sample, verdict, self.cfg.seed))
+                    uids.append(verdict.uid)
                     if self.cfg.clip_scoring:
                         pending.append((len(infos) - 1, sample.members[verdict.image_ext],
                                         sample.members["txt"].decode("utf-8")))
@@ -146,7 +158,10 @@ class CheckShard(beam.DoFn):
         _count(read, dropped)
         log.info("%s: %d samples checked, %d passed (%.0f samples/s)", tar_path, read,
                  len(infos), read / max(time.perf_counter() - start, 1e-9))
-        yield from _by_bucket(infos, DEDUP_LEVELS[0][1], self.buckets)
+        if self.n_uid_buckets:
+            yield from _by_uid_bucket(infos, uids, self.n_uid_buckets)
+        else:
+            yield from _by_bucket(infos, DEDUP_LEVELS[0][1], self.buckets)
 
     def _score(self, infos: list, pending: list) -> None:
         """CLIP-score the pending samples in place (``SampleInfo.score``)."""
@@ -182,6 +197,71 @@ def _by_bucket(infos: list[SampleInfo], field: str, buckets: int) -> Iterator[tu
         groups[bucket_of(getattr(info, field), buckets)].append(info)
     for bucket, group in sorted(groups.items()):
         yield bucket, _pack(group)
+
+
+def _by_uid_bucket(infos: list[SampleInfo], uids: list[str],
+                   buckets: int) -> Iterator[tuple[int, bytes]]:
+    """Batches ``(uid array, infos)`` keyed by the uid bucket (one element per bucket)."""
+    if not infos:
+        return
+    pairs = np.array([uid_pair(u) for u in uids], UID_DTYPE)
+    of = uid_buckets(pairs, buckets)
+    for bucket in np.unique(of):
+        rows = np.flatnonzero(of == bucket)
+        yield int(bucket), _pack((pairs[rows], [infos[i] for i in rows]))
+
+
+def _read_uids(piece: UidPiece, buckets: int) -> Iterator[tuple[int, bytes]]:
+    """One piece of the uid list -> ``(uid bucket, raw UID_DTYPE bytes)``, one per bucket.
+
+    Raw bytes, not a pickle: 16 bytes a uid, the most compact form to shuffle.
+    """
+    pairs = read_uid_piece(piece)
+    of = uid_buckets(pairs, buckets)
+    order = np.argsort(of, kind="stable")
+    pairs, of = pairs[order], of[order]
+    cuts = np.flatnonzero(np.diff(of)) + 1
+    for chunk, bucket in zip(np.split(pairs, cuts), of[np.r_[0, cuts]] if len(of) else []):
+        yield int(bucket), chunk.tobytes()
+
+
+class KeepListed(beam.DoFn):
+    """``(uid bucket, {"uids": [raw uids], "samples": [batches]})`` -> the samples whose
+    uid is listed, keyed by sha256 bucket for the first dedup level.
+
+    Runs before dedup, as the per-sample check did: a listed sample must not lose to an
+    unlisted duplicate. A worker holds one bucket's share of the list.
+    """
+
+    def __init__(self, buckets: int):
+        self.buckets = buckets
+
+    def process(self, element) -> Iterator[tuple[int, bytes]]:
+        bucket, grouped = element
+        batches = [pickle.loads(b) for b in grouped["samples"]]
+        if not batches:  # uids no sample asked for
+            return
+        pairs = np.concatenate([b[0] for b in batches])
+        infos = [info for b in batches for info in b[1]]
+        listed = UidList(np.frombuffer(b"".join(grouped["uids"]), UID_DTYPE),
+                         f"uid bucket {bucket}")
+        keep = listed.contains(pairs)
+        Metrics.counter(NAMESPACE, "dropped_uid_not_listed").inc(len(infos) - int(keep.sum()))
+        yield from _by_bucket([info for info, k in zip(infos, keep) if k], DEDUP_LEVELS[0][1],
+                              self.buckets)
+
+
+def _keep_listed(p: beam.Pipeline, checked: beam.PCollection, source: UidListSource,
+                 n: int, buckets: int) -> beam.PCollection:
+    """The uid list read in pieces and joined, per uid bucket (``n`` of them), with the
+    checked samples; the survivors keyed by sha256 bucket (``buckets`` of them)."""
+    uids = (p
+            | "UidPieces" >> beam.Create(source.pieces)
+            | "SpreadUidReads" >> beam.Reshuffle()
+            | "ReadUids" >> beam.FlatMap(_read_uids, n))
+    return ({"uids": uids, "samples": checked}
+            | "ByUid" >> beam.CoGroupByKey()
+            | "KeepListed" >> beam.ParDo(KeepListed(buckets)))
 
 
 class Dedup(beam.DoFn):
@@ -345,10 +425,16 @@ def build_beam_graph(p: beam.Pipeline, tar_paths: list[str], output_dir: str,
             before the run; shipped with the check step: a few MB for an eval set).
     """
     buckets = max(1, len(tar_paths))  # ~one input tar's metadata per dedup bucket
+    # the list's header or footer only; its uids are read by the workers, in pieces
+    source = inspect_uid_list(cfg.uid_list) if cfg.uid_list else None
+    # uid buckets: as many as dedup buckets, more for a list of over ~64 MB a bucket
+    n_uid = source.buckets(buckets) if source else 0
     checked = (p
                | "TarPaths" >> beam.Create(list(enumerate(tar_paths)))
                | "SpreadChecks" >> beam.Reshuffle()
-               | "CheckShard" >> beam.ParDo(CheckShard(cfg, buckets, eval_images)))
+               | "CheckShard" >> beam.ParDo(CheckShard(cfg, buckets, eval_images, n_uid)))
+    if source:
+        checked = _keep_listed(p, checked, source, n_uid, buckets)
     for level, (reason, _) in enumerate(DEDUP_LEVELS):
         name = reason.split("_", 1)[1].capitalize()
         checked = (checked

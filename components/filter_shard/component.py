@@ -163,13 +163,14 @@ def _prepare_inputs(cfg: FilterConfig):
     Returns:
         The ``matching.EvalImages`` of ``cfg.decontaminate`` (None when off).
     """
-    from components.filter_shard.matching import EvalImages, UidList, eval_set_images
+    from components.filter_shard.matching import EvalImages, eval_set_images, inspect_uid_list
 
     if cfg.clip_model:
         check_clip_model(cfg.clip_model)
-    if cfg.uid_list:
-        n = len(UidList.load(cfg.uid_list))
-        log.info("filter_shard: keeping only the %d uids of %s", n, cfg.uid_list)
+    if cfg.uid_list:  # its header or footer: the workers read the uids, in pieces
+        source = inspect_uid_list(cfg.uid_list)
+        log.info("filter_shard: keeping only the %d uids of %s (%d pieces)", source.count,
+                 cfg.uid_list, len(source.pieces))
     if not cfg.decontaminate:
         return None
     images = EvalImages.from_images(eval_set_images(cfg.decontaminate), cfg.eval_phash_distance)

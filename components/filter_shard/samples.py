@@ -22,9 +22,13 @@ from typing import IO, Iterable, Iterator, NamedTuple
 
 from clipa_model.artifacts import IMAGE_EXTS
 from components.filter_shard.images import image_facts, to_jpeg
+from components.filter_shard.matching import is_uid
 from components.filter_shard.tar_io import TarFormatError, TarWriter, iter_members, safe_key
 
 # Drop reasons, in the order a sample is checked; a sample counts under its first reason.
+# With a uid list, a missing or malformed uid counts as uid_not_listed here, before the
+# image checks; a well-formed uid the list lacks only after every per-sample check: the
+# list is joined with the samples that pass them (``beam_graph.KeepListed``).
 REASONS = ("truncated_shard", "unsafe_name", "decode_error", "uid_not_listed", "too_large",
            "caption_words", "caption_chars", "min_side", "aspect_ratio", "not_english",
            "eval_duplicate", "duplicate_sha256", "duplicate_url", "duplicate_key", "clip_score")
@@ -140,6 +144,7 @@ class Verdict(NamedTuple):
     note: str
     url: str = ""
     image_ext: str = "jpg"
+    uid: str = ""  # KEY.json's uid (32 hex digits) when ``cfg.uid_list`` is set
 
 
 class SampleInfo(NamedTuple):
@@ -296,8 +301,9 @@ def check_sample(key: str, members: dict, cfg: FilterConfig, language=None, uids
         members: ``{ext: bytes}`` of one sample (an image, ``txt``, ``json``).
         cfg: the filter settings.
         language: callable(text) -> language code, needed when ``cfg.english_only``.
-        uids: a ``matching.UidList`` (or any container of uid strings) when
-            ``cfg.uid_list``: the sample's KEY.json ``uid`` must be in it.
+        uids: a ``matching.UidList`` (or any container of uid strings): the sample's
+            KEY.json ``uid`` must be in it. None with ``cfg.uid_list`` set: the uid must
+            be 32 hex digits here; whether it is listed, the Beam graph's join decides.
         eval_images: a ``matching.EvalImages`` when ``cfg.decontaminate``.
     Returns:
         A ``Verdict``: reason is one of ``REASONS`` or None; note says what was wrong
@@ -313,8 +319,11 @@ def check_sample(key: str, members: dict, cfg: FilterConfig, language=None, uids
         caption = members["txt"].decode("utf-8").strip()
         meta = json.loads(members["json"])
         meta = meta if isinstance(meta, dict) else {}
-        if uids is not None and str(meta.get("uid") or "") not in uids:
-            return Verdict("uid_not_listed", str(meta.get("uid"))[:40])
+        uid = ""
+        if cfg.uid_list or uids is not None:
+            uid = str(meta.get("uid") or "")
+            if not is_uid(uid) or (uids is not None and uid not in uids):
+                return Verdict("uid_not_listed", str(meta.get("uid"))[:40])
         facts = image_facts(members[ext], cfg.max_image_pixels, cfg.full_decode)
     except Exception as e:  # noqa: BLE001 - decoders raise many types for bad data
         return Verdict("decode_error", f"{type(e).__name__}: {e}"[:200])
@@ -331,7 +340,7 @@ def check_sample(key: str, members: dict, cfg: FilterConfig, language=None, uids
             return Verdict("decode_error", f"{type(e).__name__}: {e}"[:200])
         if how:
             return Verdict("eval_duplicate", f"{how} match of an eval image")
-    return Verdict(None, "", str(meta.get("url") or ""), ext)
+    return Verdict(None, "", str(meta.get("url") or ""), ext, uid)
 
 
 def sample_info(source: int, position: int, sample: TarSample, verdict: Verdict,

@@ -2,9 +2,11 @@
 
 Read from the pipeline graph (no run): a global combine may only hold a bounded
 accumulator (the score histograms), and the only side inputs are singletons of those
-combines and the kept count per input tar.
+combines and the kept count per input tar. A uid list is read in pieces and joined by
+bucket: no DoFn carries it.
 """
 import apache_beam as beam
+import numpy as np
 from apache_beam.pipeline import PipelineVisitor
 
 from components.filter_shard.beam_graph import build_beam_graph
@@ -70,3 +72,58 @@ def test_the_check_catches_a_gathering_step():
     assert found.found and found.found[0].startswith("AllInfo")
     found = _inspect(FilterConfig(), lambda pc: pc | "Total" >> beam.CombineGlobally(sum))
     assert found.found == ["Total"]
+
+
+def _uid_parquet(path, n_uids: int, row_group_size: int) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(7)
+    uids = [rng.bytes(16).hex() for _ in range(n_uids)]
+    pq.write_table(pa.table({"uid": uids}), path, row_group_size=row_group_size)
+    return uids
+
+
+def test_the_uid_list_is_joined_by_bucket_not_held_by_a_worker(tmp_path):
+    """With a uid list, no DoFn holds the list: it is read in pieces (one per row group)
+    and joined per uid bucket; the check step only checks that a uid is well-formed."""
+    import cloudpickle  # as Beam ships a DoFn, but uncompressed: a uid's bytes show
+
+    from components.filter_shard.beam_graph import CheckShard, KeepListed
+    from components.filter_shard.matching import UID_DTYPE, UidList, uid_pair
+
+    path = str(tmp_path / "uids.parquet")
+    uids = _uid_parquet(path, 300, row_group_size=100)
+    cfg = FilterConfig(uid_list=path)
+    found = _inspect(cfg)
+    assert found.found == [] and [s for s in found.side_inputs if not _allowed(*s)] == []
+
+    nodes = {}
+
+    class _Nodes(PipelineVisitor):
+        def enter_composite_transform(self, node):
+            nodes[node.full_label] = node.transform
+
+        def visit_transform(self, node):
+            nodes[node.full_label] = node.transform
+
+    p = beam.Pipeline(runner="FnApiRunner")
+    build_beam_graph(p, [f"/in/{i:05d}.tar" for i in range(4)], "/out", cfg)
+    p.visit(_Nodes())
+    pieces = nodes["UidPieces"].values
+    assert len(pieces) == 3 and sorted(pc.start for pc in pieces) == [0, 1, 2]
+    assert isinstance(nodes["ByUid"], beam.CoGroupByKey)
+    assert isinstance(nodes["KeepListed"].fn, KeepListed)
+    # what every worker is shipped: no DoFn carries a uid of the list
+    # (the uid as a worker would hold it: a u8,u8 array's bytes, or its hex text)
+    samples = [np.array([uid_pair(u)], UID_DTYPE).tobytes() for u in uids[::50]]
+    samples += [u.encode() for u in uids[::50]]
+    for label, t in nodes.items():
+        if isinstance(t, beam.ParDo):
+            shipped = cloudpickle.dumps(t.fn)
+            assert not any(s in shipped for s in samples), label
+            assert not any(isinstance(v, UidList) for v in vars(t.fn).values()), label
+    check = nodes["CheckShard"].fn
+    assert isinstance(check, CheckShard)
+    check.setup()  # what a worker holds once started: still no list
+    assert not any(isinstance(v, UidList) for v in vars(check).values())
