@@ -6,6 +6,20 @@ import os
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def noise_jpeg(seed: int, side: int = 220) -> bytes:
+    """A ``side`` x ``side`` JPEG of upscaled 8x8 noise: distinct bytes (and sha256) per seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 def make_model_artifact(path, image_size: int = 28, text_len: int = 8, seed: int = 0) -> str:
     """A tiny-preset Model artifact whose weights are off their init (a wrong load would show)."""
     import torch

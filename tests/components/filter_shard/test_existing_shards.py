@@ -9,7 +9,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipa_model.artifacts import read_marker
 from clipa_model.data import list_train_shards
@@ -18,7 +17,7 @@ from components.filter_shard.existing import (ShardsError, import_existing_shard
                                               pass_through, resolve_shards)
 from pipelines.demo_data import write_demo_images
 from pipelines.demo_server import serve_directory, write_url_list
-from support import REPO_ROOT
+from support import REPO_ROOT, noise_jpeg
 
 
 CAPTIONS = ["a photo of the old wooden house near the river",
@@ -26,14 +25,6 @@ CAPTIONS = ["a photo of the old wooden house near the river",
             "a bowl of fresh fruit on the kitchen table",
             "children playing football in the park after school",
             "the city skyline at night with bright lights"]
-
-
-def _jpeg(seed: int, side: int = 220) -> bytes:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 def _tar(path, samples) -> None:
@@ -56,7 +47,7 @@ def _datacomp(folder, n_tars=2, per_tar=5):
             uids.append(uid)
             meta = {"uid": uid, "url": f"http://dc.example/{uid}.jpg",
                     "original_width": 400, "original_height": 300}
-            samples.append((f"{t:08d}{i:04d}", {"jpg": _jpeg(t * 100 + i), "json":
+            samples.append((f"{t:08d}{i:04d}", {"jpg": noise_jpeg(t * 100 + i), "json":
                             json.dumps(meta).encode(), "txt": CAPTIONS[(t + i) % len(CAPTIONS)].encode()}))
         _tar(folder / "shards" / f"{t:08d}.tar", samples)
     return uids
@@ -87,7 +78,7 @@ def test_bad_shards_are_listed_before_any_work(tmp_path):
         resolve_shards(str(tmp_path / "nothing" / "*.tar"))
     folder = tmp_path / "mixed"
     folder.mkdir()
-    _tar(folder / "00000.tar", [("a", {"jpg": _jpeg(1), "txt": b"a fine caption"})])
+    _tar(folder / "00000.tar", [("a", {"jpg": noise_jpeg(1), "txt": b"a fine caption"})])
     (folder / "00001.tar").write_bytes(b"this is not a tar file at all" * 40)
     _tar(folder / "00002.tar", [("notes", {"md": b"# readme"}), ("data", {"csv": b"1,2"})])
     with pytest.raises(ShardsError) as err:

@@ -10,30 +10,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from clipa_model.artifacts import write_marker
 from components.filter_shard import matching
 from components.filter_shard.component import run_filter_shard
 from components.filter_shard.matching import (UID_DTYPE, UidList, UidListError,
                                               inspect_uid_list, read_uid_piece, uid_pair)
+from support import noise_jpeg
 
 CAPTION = "a photo of the old wooden house near the river"
-
-
-def _jpeg(seed: int, side: int = 220) -> bytes:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 def _sample(uid, seed: int, side: int = 220) -> dict:
     meta = {"url": f"http://dc.example/{seed}.jpg"}
     if uid is not None:
         meta["uid"] = uid
-    return {"jpg": _jpeg(seed, side), "json": json.dumps(meta).encode(),
+    return {"jpg": noise_jpeg(seed, side), "json": json.dumps(meta).encode(),
             "txt": CAPTION.encode()}
 
 
