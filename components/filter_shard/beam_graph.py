@@ -48,7 +48,7 @@ from apache_beam.metrics import Metrics, MetricsFilter
 from clipa_model import artifacts
 from components.filter_shard.matching import (
     UID_DTYPE, UidList, UidListSource, UidPiece, inspect_uid_list, read_uid_piece, uid_buckets,
-    uid_pair)
+    uid_pairs)
 from components.filter_shard.plan import (
     DEDUP_LEVELS, HIST_BINS, PASSES, Pick, bucket_of, first_of_each, merge_counts, narrow,
     output_positions,
@@ -199,16 +199,23 @@ def _by_bucket(infos: list[SampleInfo], field: str, buckets: int) -> Iterator[tu
         yield bucket, _pack(group)
 
 
+def _bucket_rows(of: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(bucket, row indices)`` of an array of bucket numbers, buckets in ascending order,
+    rows in their original order (one stable sort, not one scan per bucket)."""
+    order = np.argsort(of, kind="stable")
+    cuts = np.flatnonzero(np.diff(of[order])) + 1
+    for rows in np.split(order, cuts) if len(of) else []:
+        yield int(of[rows[0]]), rows
+
+
 def _by_uid_bucket(infos: list[SampleInfo], uids: list[str],
                    buckets: int) -> Iterator[tuple[int, bytes]]:
     """Batches ``(uid array, infos)`` keyed by the uid bucket (one element per bucket)."""
     if not infos:
         return
-    pairs = np.array([uid_pair(u) for u in uids], UID_DTYPE)
-    of = uid_buckets(pairs, buckets)
-    for bucket in np.unique(of):
-        rows = np.flatnonzero(of == bucket)
-        yield int(bucket), _pack((pairs[rows], [infos[i] for i in rows]))
+    pairs = uid_pairs(uids, "KEY.json uids")  # CheckShard let only well-formed uids through
+    for bucket, rows in _bucket_rows(uid_buckets(pairs, buckets)):
+        yield bucket, _pack((pairs[rows], [infos[i] for i in rows]))
 
 
 def _read_uids(piece: UidPiece, buckets: int) -> Iterator[tuple[int, bytes]]:
@@ -217,12 +224,8 @@ def _read_uids(piece: UidPiece, buckets: int) -> Iterator[tuple[int, bytes]]:
     Raw bytes, not a pickle: 16 bytes a uid, the most compact form to shuffle.
     """
     pairs = read_uid_piece(piece)
-    of = uid_buckets(pairs, buckets)
-    order = np.argsort(of, kind="stable")
-    pairs, of = pairs[order], of[order]
-    cuts = np.flatnonzero(np.diff(of)) + 1
-    for chunk, bucket in zip(np.split(pairs, cuts), of[np.r_[0, cuts]] if len(of) else []):
-        yield int(bucket), chunk.tobytes()
+    for bucket, rows in _bucket_rows(uid_buckets(pairs, buckets)):
+        yield bucket, pairs[rows].tobytes()
 
 
 class KeepListed(beam.DoFn):
