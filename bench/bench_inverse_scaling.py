@@ -48,6 +48,7 @@ from clipa_model.checkpoint import read_training_history  # noqa: E402
 from clipa_model.config import StageConfig  # noqa: E402
 from clipa_model.planner import ACCELERATORS, plan_stage  # noqa: E402
 from clipa_model.recipes import DEMO  # noqa: E402
+from science import demo_data, top1_figure, zero_shot  # noqa: E402  (bench/science.py)
 
 PRESET = "tiny"
 
@@ -87,24 +88,6 @@ def only_224(args, budget: float, scale: float, lr: float, warmup: float,
     samples = whole_batches(scale * budget / per_sample_flops(stage), args.batch)
     every = whole_batches(samples / probes, args.batch) if probes else 0
     return stage.replace(samples=samples, zeroshot_every=every)
-
-
-def make_data(root: str, args) -> tuple[str, str]:
-    """Demo training shards and a held-out eval set (pipelines/demo_data.py), made once."""
-    from pipelines.demo_data import write_demo_shards, write_eval_set
-
-    shards, eval_dir = os.path.join(root, "shards"), os.path.join(root, "eval")
-    if not os.path.exists(os.path.join(shards, "clipa_artifact.json")) or not os.path.isdir(eval_dir):
-        shards = write_demo_shards(root, args.n_train, seed=args.seed, size=args.image_px)
-        write_eval_set(eval_dir, args.eval_per_class, seed=args.seed, size=args.image_px)
-    return shards, eval_dir
-
-
-def zero_shot(model_dir: str, eval_dir: str) -> dict:
-    from components.evaluate import run_evaluate
-
-    r = run_evaluate(model_dir, eval_dir, model_dir + "-eval", num_workers=0, device="cpu")
-    return {"top1": r["top1"], "top5": r["top5"], "chance": 1 / r["num_classes"]}
 
 
 def train(stage: StageConfig, shards: str, eval_dir: str, out: str,
@@ -194,26 +177,15 @@ def floor_check(clipa: list[dict], only: list[dict]) -> dict:
 
 
 def plot(clipa: list[dict], only: list[dict], sweep: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts, style in (("CLIPA: 84 px + 224 px finetune", clipa, "o-"),
-                             ("224 px only (tuned, best sweep setting)", only, "s-")):
-        ax.plot([p["tflops"] for p in pts], [100 * p["top1"] for p in pts], style, label=name)
-    if sweep:
-        ax.scatter([r["tflops"] for r in sweep], [100 * r["top1"] for r in sweep], marker="x",
-                   color="grey", label="224 px only, LR/warmup sweep")
-    ax.axhline(100 * clipa[-1].get("chance", 0.1), color="lightgrey", ls=":", label="chance")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute (TFLOP, planner's counter)")
-    ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title("Inverse scaling on the demo data (tiny ViT)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with top1_figure(path, "Inverse scaling on the demo data (tiny ViT)",
+                     "training compute (TFLOP, planner's counter)") as ax:
+        for name, pts, style in (("CLIPA: 84 px + 224 px finetune", clipa, "o-"),
+                                 ("224 px only (tuned, best sweep setting)", only, "s-")):
+            ax.plot([p["tflops"] for p in pts], [100 * p["top1"] for p in pts], style, label=name)
+        if sweep:
+            ax.scatter([r["tflops"] for r in sweep], [100 * r["top1"] for r in sweep],
+                       marker="x", color="grey", label="224 px only, LR/warmup sweep")
+        ax.axhline(100 * clipa[-1].get("chance", 0.1), color="lightgrey", ls=":", label="chance")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -244,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     budget = sum(train_flops(s) for s in clipa_stages(args))
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or tmp
-        shards, eval_dir = make_data(root, args)
+        shards, eval_dir = demo_data(root, args.n_train, args.eval_per_class, args.image_px,
+                                     args.seed)
         print(f"budget: the CLIPA arm's {budget / 1e12:.2f} TFLOP; a 224 px sample costs "
               f"{per_sample_flops(only_224(args, budget, 1, 1e-3, 0.1)) / per_sample_flops(clipa_stages(args)[0]):.1f}x "
               "an 84 px one", flush=True)

@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 from clipa_model.planner import ACCELERATORS, plan_stage  # noqa: E402
 from clipa_model.presets import get_preset  # noqa: E402
 from clipa_model.recipes import DEMO  # noqa: E402
+from science import demo_data, top1_figure, zero_shot  # noqa: E402  (bench/science.py)
 
 PRESET_OF_WIDTH = {128: "tiny", 192: "tiny-w192", 256: "tiny-w256"}
 
@@ -63,7 +64,6 @@ def stage_for(args, image_size: int, seed: int):
 def run_one(args, width: int, image_size: int, seed: int, shards: str, eval_dir: str,
             root: str) -> dict:
     from clipa_model.train_stage import train_stage
-    from components.evaluate import run_evaluate
 
     preset = PRESET_OF_WIDTH[width]
     stage = stage_for(args, image_size, seed)
@@ -71,7 +71,7 @@ def run_one(args, width: int, image_size: int, seed: int, shards: str, eval_dir:
     t0 = time.perf_counter()
     train_stage(shards, out, stage, preset=preset, report_to=())
     seconds = time.perf_counter() - t0
-    r = run_evaluate(out, eval_dir, out + "-eval", num_workers=0, device="cpu")
+    r = zero_shot(out, eval_dir)
     row = {"width": width, "preset": preset, "image_size": image_size,
            "tokens": tokens(preset, image_size), "seed": seed, "top1": r["top1"],
            "top5": r["top5"], "seconds": seconds,
@@ -130,26 +130,15 @@ def law_verdict(summary: dict, sizes: list[int], chance: float = 0.1) -> str:
     return "inconclusive (within 2 standard errors of no change)"
 
 
-def plot(rows: list[dict], summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for width, s in summary.items():
-        sizes = sorted(s["top1"])
-        toks = [tokens(PRESET_OF_WIDTH[width], z) for z in sizes]
-        ax.errorbar(toks, [100 * s["top1"][z][0] for z in sizes],
-                    yerr=[100 * s["top1"][z][1] for z in sizes], marker="o", capsize=3,
-                    label=f"image tower width {width}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("image tokens per sample during training")
-    ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title("Accuracy vs image tokens, per model size (mean ± sd over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(summary: dict, path: str) -> None:
+    with top1_figure(path, "Accuracy vs image tokens, per model size (mean ± sd over seeds)",
+                     "image tokens per sample during training", size=(6.5, 4.2), base=2) as ax:
+        for width, s in summary.items():
+            sizes = sorted(s["top1"])
+            toks = [tokens(PRESET_OF_WIDTH[width], z) for z in sizes]
+            ax.errorbar(toks, [100 * s["top1"][z][0] for z in sizes],
+                        yerr=[100 * s["top1"][z][1] for z in sizes], marker="o", capsize=3,
+                        label=f"image tower width {width}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -173,16 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     if len(args.seeds) < 2:
         print("note: one seed gives no error bars (the issue asks for at least two)")
     logging.basicConfig(level=logging.WARNING)
-    from pipelines.demo_data import write_demo_shards, write_eval_set
-
     print(f"load average before: {os.getloadavg()} on {os.cpu_count()} cores", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or tmp
-        shards, eval_dir = os.path.join(root, "shards"), os.path.join(root, "eval")
-        if not os.path.exists(os.path.join(shards, "clipa_artifact.json")) or not os.path.isdir(eval_dir):
-            shards = write_demo_shards(root, args.n_train, seed=0, size=args.image_px)
-            write_eval_set(eval_dir, args.eval_per_class, seed=0, size=args.image_px)
+        shards, eval_dir = demo_data(root, args.n_train, args.eval_per_class, args.image_px)
         rows = [run_one(args, w, z, sd, shards, eval_dir, os.path.join(root, "runs"))
                 for sd in args.seeds for w in args.widths for z in args.sizes]
     summary = summarize(rows, args.sizes)
@@ -199,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"it narrows); total {time.perf_counter() - t0:.0f} s; "
           f"load average after: {os.getloadavg()}")
     os.makedirs(args.out, exist_ok=True)
-    plot(rows, summary, os.path.join(args.out, "token_scaling.png"))
+    plot(summary, os.path.join(args.out, "token_scaling.png"))
     result = {"args": vars(args), "runs": rows, "verdict": verdict,
               "summary": {str(w): {"top1": {str(z): v for z, v in s["top1"].items()},
                                    "gap": {str(z): v for z, v in s["gap"].items()}}
