@@ -147,6 +147,22 @@ def test_npy_of_hex_strings_is_read_in_ranged_pieces(tmp_path, monkeypatch):
     assert read.tolist() == [uid_pair(u) for u in uids]
 
 
+def test_gs_uid_lists_are_read_in_pieces_on_the_emulator(gcs, tmp_path, monkeypatch):
+    """On gs:// the .npy pieces are ranged reads and parquet pieces row groups, as locally."""
+    monkeypatch.setattr(matching, "NPY_PIECE_ROWS", 4)
+    uids = [np.random.default_rng(100 + i).bytes(16).hex() for i in range(10)]
+    pairs = np.array([uid_pair(u) for u in uids], UID_DTYPE)
+    np.save(tmp_path / "uids.npy", pairs)
+    pq.write_table(pa.table({"uid": uids}), tmp_path / "uids.parquet", row_group_size=3)
+    gcs.put(str(tmp_path / "uids.npy"), "bkt/lists/uids.npy")
+    gcs.put(str(tmp_path / "uids.parquet"), "bkt/lists/uids.parquet")
+    for name, n_pieces in (("uids.npy", 3), ("uids.parquet", 4)):
+        source = inspect_uid_list(f"gs://bkt/lists/{name}")
+        assert source.count == 10 and len(source.pieces) == n_pieces
+        read = np.concatenate([read_uid_piece(p) for p in source.pieces])
+        assert read.tolist() == pairs.tolist()
+
+
 def test_a_bad_uid_list_fails_before_work(tmp_path):
     _shards(tmp_path / "in", [[("000000000", _sample("0" * 32, 1))]])
     pq.write_table(pa.table({"url": ["http://x/1.jpg"]}), tmp_path / "nouid.parquet")
