@@ -24,9 +24,9 @@ floor check (issue: CLIPA >= 95% of the best 224-only top-1 at <= 40% of the com
 224-only needed to get there) and writes ``inverse_scaling.png`` (top-1 vs training FLOPs,
 both arms) and ``inverse_scaling.json`` to ``--out``.
 
-    python bench/bench_inverse_scaling.py --out bench-out        # ~45 min on a 2-core CPU
+    python bench/bench_inverse_scaling.py --out bench-out        # 57 min measured on 2 cores under load 3-5
     python bench/bench_inverse_scaling.py --sweep-lr 7e-4 --sweep-warmup 0.05 --max-scale 2
-                                                                  # a quick look, ~12 min
+                                                                  # a quick look (not timed)
 
 Measured: see docs/SCIENCE.md (kept there, next to the plot, not here).
 """

@@ -20,7 +20,7 @@ full - reduced tokens with its standard error over seeds; the law holds here if 
 narrows as the width grows. Writes ``token_scaling.png`` (top-1 vs image tokens, one line
 per width, error bars = standard deviation over seeds) and ``token_scaling.json``.
 
-    python bench/bench_token_scaling.py --out bench-out          # ~45 min on an idle 2-core CPU
+    python bench/bench_token_scaling.py --out bench-out          # 35 min measured on 2 cores under load 3-3.5
     python bench/bench_token_scaling.py --widths 128 256 --seeds 0 --samples 4000   # a look
 
 Measured: see docs/SCIENCE.md.
