@@ -34,6 +34,13 @@ class StageConfig:
         samples: samples seen in this stage (several epochs over the shards if needed).
         batch_size: contrastive batch (the negatives each sample sees).
         lr: peak learning rate.
+        patch_embed_lr_scale: the image patch embedding's learning rate as a fraction of
+            ``lr`` (0 = frozen at its random init). AdamW moves every weight about ``lr`` a
+            step whatever its fan-in, and a patch's pixels are strongly correlated, so the
+            embedding's output moves far more per step than a hidden layer's; the more
+            pixels a patch holds of a smooth image (higher resolution, larger patches), the
+            more. On the demo data at 224 px this alone kept a tiny ViT at chance
+            (docs/SCIENCE.md); MoCo v3 freezes the embedding for the same instability.
         warmup_frac: linear warmup length as a fraction of ``samples`` (CLIPA-v2: about
             0.016 pretrain, 0.05 finetune 224, 0.2 finetune 336).
         weight_decay: decoupled weight decay on weight matrices only.
@@ -71,6 +78,7 @@ class StageConfig:
     samples: int = 10_000
     batch_size: int = 128
     lr: float = 1e-3
+    patch_embed_lr_scale: float = 1.0
     warmup_frac: float = 0.05
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.95)
@@ -119,6 +127,8 @@ class StageConfig:
             ("samples", self.samples > 0, "positive"),
             ("batch_size", self.batch_size > 1, "at least 2 (a contrastive batch)"),
             ("lr", self.lr > 0, "positive"),
+            ("patch_embed_lr_scale", 0.0 <= self.patch_embed_lr_scale <= 1.0,
+             "a fraction of lr in [0, 1] (0 = frozen)"),
             ("warmup_frac", 0.0 <= self.warmup_frac < 1.0, "a fraction in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("precision", self.precision in ("bf16", "fp32"), '"bf16" or "fp32"'),

@@ -129,28 +129,38 @@ def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor], source: str =
     model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay only on weight matrices.
+PATCH_EMBED = "visual.conv1.weight"  # open_clip's patch embedding (a stride-P convolution)
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 patch_embed_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: decay only on weight matrices; the patch embedding in a group of its own.
 
     Biases, norm gains, embeddings (token, position, class) and the logit scale stay
-    undecayed; frozen tensors (the sin-cos position embedding) are left out.
+    undecayed; frozen tensors (the sin-cos position embedding) are left out. The patch
+    embedding is a decayed weight matrix whose LR is ``lr_scale`` x the stage's
+    (``StageConfig.patch_embed_lr_scale``: why). Always three groups, so an optimizer
+    state resumes whatever the scale.
 
     Returns:
-        [{"params": decayed, "weight_decay": weight_decay, "names": [...]},
-         {"params": the rest, "weight_decay": 0.0, "names": [...]}]
+        [{"params": decayed, "weight_decay": weight_decay, "lr_scale": 1.0, "names": [...]},
+         {"params": the rest, "weight_decay": 0.0, "lr_scale": 1.0, "names": [...]},
+         {"params": [patch embedding], "weight_decay": weight_decay,
+          "lr_scale": patch_embed_lr_scale, "names": [PATCH_EMBED]}]
     """
-    decay, no_decay = [], []
+    decay, no_decay, patch = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_embedding = "embedding" in name or name.endswith("class_embedding")
-        (decay if p.ndim >= 2 and not is_embedding else no_decay).append((name, p))
-    return [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay,
-         "names": [n for n, _ in decay]},
-        {"params": [p for _, p in no_decay], "weight_decay": 0.0,
-         "names": [n for n, _ in no_decay]},
-    ]
+        if name == PATCH_EMBED:
+            patch.append((name, p))
+        else:
+            (decay if p.ndim >= 2 and not is_embedding else no_decay).append((name, p))
+    return [{"params": [p for _, p in group], "weight_decay": wd, "lr_scale": scale,
+             "names": [n for n, _ in group]}
+            for group, wd, scale in ((decay, weight_decay, 1.0), (no_decay, 0.0, 1.0),
+                                     (patch, weight_decay, patch_embed_lr_scale))]
 
 
 def get_tokenizer(preset: str | Preset, text_len: int, reduction: str = "truncate",

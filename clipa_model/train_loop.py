@@ -65,7 +65,7 @@ def make_optimizer(model: torch.nn.Module, stage: StageConfig,
     every step, the CPU step drops from ~150 ms to ~35 ms); torch_xla keeps the plain one.
     """
     groups = [{k: v for k, v in g.items() if k != "names"}
-              for g in param_groups(model, stage.weight_decay)]
+              for g in param_groups(model, stage.weight_decay, stage.patch_embed_lr_scale)]
     device = device if device is not None else next(model.parameters()).device
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=1e-8, **fused)
@@ -117,7 +117,7 @@ def train_step(forward, model, loss_fn, optimizer, images: torch.Tensor, tokens:
         (loss, logit scale) as detached device tensors (no host sync).
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     if stage.accum_steps > 1:
         loss, scale = accumulate_gradients(forward, model, loss_fn, images, tokens,

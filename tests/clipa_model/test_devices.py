@@ -192,6 +192,25 @@ def test_bf16_autocast_runs_matmuls_in_bfloat16_and_fp32_does_not():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_patch_embedding_trains_at_its_fraction_of_the_lr():
+    torch.manual_seed(0)
+    init = build_model("tiny", 28, 8).state_dict()
+    moved = {}
+    for scale in (1.0, 0.25, 0.0):
+        _, model = _losses(_stage(samples=8, warmup_frac=0.0, patch_embed_lr_scale=scale))
+        moved[scale] = {k: (v - init[k]).abs().max().item()
+                        for k, v in model.state_dict().items()}
+    patch = "visual.conv1.weight"
+    assert moved[0.0][patch] == 0.0  # frozen at its random init
+    # Adam's first step is ~lr x sign(grad) per weight: a quarter of the LR, a quarter of the move.
+    assert moved[0.25][patch] == pytest.approx(0.25 * moved[1.0][patch], rel=0.05)
+    # Every other tensor moves as before, whatever the patch embedding's LR.
+    for k in ("visual.transformer.resblocks.0.mlp.c_fc.weight", "token_embedding.weight"):
+        assert moved[0.0][k] == moved[1.0][k] > 0
+    with pytest.raises(ConfigError, match="patch_embed_lr_scale"):
+        _stage(patch_embed_lr_scale=1.5)
+
+
 def test_adamw_is_fused_on_cuda_and_cpu_and_follows_the_stage():
     model = build_model("tiny", 28, 8)
     stage = _stage(weight_decay=0.2, betas=(0.9, 0.95), lr=3e-4)
@@ -201,7 +220,7 @@ def test_adamw_is_fused_on_cuda_and_cpu_and_follows_the_stage():
     assert on_cpu.defaults["fused"] is True and on_cuda.defaults["fused"] is True
     assert not on_xla.defaults.get("fused")
     assert on_cpu.defaults["betas"] == (0.9, 0.95) and on_cpu.defaults["lr"] == 3e-4
-    assert [g["weight_decay"] for g in on_cpu.param_groups] == [0.2, 0.0]
+    assert [g["weight_decay"] for g in on_cpu.param_groups] == [0.2, 0.0, 0.2]
     # The fused step is AdamW's: same update as the reference implementation.
     ref = build_model("tiny", 28, 8)
     ref.load_state_dict(model.state_dict())

@@ -88,7 +88,7 @@ def test_patch_masking_drops_tokens_in_train_mode_only():
 
 def test_weight_decay_only_on_weight_matrices():
     model = build_model("tiny", 84, 8)
-    decay, no_decay = param_groups(model, 0.2)
+    decay, no_decay, patch = param_groups(model, 0.2)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     for name in decay["names"]:
         assert "bias" not in name and "ln" not in name and "embedding" not in name
@@ -97,7 +97,9 @@ def test_weight_decay_only_on_weight_matrices():
                  "visual.transformer.resblocks.0.attn.in_proj_bias"):
         assert name in no_decay["names"], name
     assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in decay["names"]
-    assert "visual.conv1.weight" in decay["names"] and "text_projection" in decay["names"]
+    assert "text_projection" in decay["names"]
+    # The patch embedding is a decayed weight matrix with an LR of its own.
+    assert patch["names"] == ["visual.conv1.weight"] and patch["weight_decay"] == 0.2
     # The fixed sin-cos embedding is not trained at all.
     assert "visual.positional_embedding" not in decay["names"] + no_decay["names"]
 
