@@ -4,7 +4,8 @@
   each member's bytes lie) and tells a complete tar from a truncated one;
 * ``check_sample`` checks one sample (names, caption, JSON, image header) and returns why
   it is dropped (or None);
-* ``read_spans`` reads a planned sample back from its tar without parsing the tar again;
+* ``sample_range`` / ``split_range``: a planned sample read back from its tar in one
+  byte-range read, without parsing the tar again;
 * ``write_shard_tar`` writes one output shard, byte-identical for the same samples.
 
 Dedup, the CLIP-score cut and the output plan, which need more than one sample, live in
@@ -164,13 +165,6 @@ class SampleInfo(NamedTuple):
     score: float = math.nan  # CLIP image-text cosine similarity, when scored
 
 
-class ShardSlot(NamedTuple):
-    """Where the plan puts a kept sample."""
-    shard: int
-    rank: int  # position in the output shard
-    info: SampleInfo
-
-
 class TruncatedShardError(Exception):
     """A tar ended before its end-of-archive blocks; ``partial`` samples were cut."""
 
@@ -242,16 +236,21 @@ def pack_spans(spans: dict, image_ext: str = "jpg") -> bytes:
     return _SPANS.pack(*spans[image_ext], *spans["json"], *spans["txt"])
 
 
-def read_spans(fileobj: IO[bytes], spans: bytes, image_ext: str = "jpg") -> dict:
-    """The members of one sample, read at the ``SampleInfo.spans`` the first pass found."""
-    members = {}
+def sample_range(spans: bytes) -> tuple[int, int]:
+    """``(start, end)`` byte range of one sample's members in its tar: they are adjacent
+    (only their headers between them), so one read fetches the whole sample."""
     numbers = _SPANS.unpack(spans)
+    return min(numbers[0::2]), max(o + n for o, n in zip(numbers[0::2], numbers[1::2]))
+
+
+def split_range(data: bytes, start: int, spans: bytes, image_ext: str = "jpg") -> dict:
+    """The members of one sample out of the bytes read at its ``sample_range``."""
+    numbers = _SPANS.unpack(spans)
+    members = {}
     for ext, offset, size in zip((image_ext, "json", "txt"), numbers[0::2], numbers[1::2]):
-        fileobj.seek(offset)
-        data = fileobj.read(size)
-        if len(data) != size:  # the tar changed since it was checked
+        members[ext] = data[offset - start: offset - start + size]
+        if len(members[ext]) != size:  # the tar changed since it was checked
             raise OSError(f"short read of {size} bytes at offset {offset}")
-        members[ext] = data
     return members
 
 

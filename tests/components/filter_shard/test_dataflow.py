@@ -35,7 +35,7 @@ def test_dataflow_runner_translates_the_pipeline_offline():
     proto = p.runner.proto_pipeline
     assert _docker_images(proto) == {DATA_IMAGE}  # the workers run the data image
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"TarPaths", "CheckShard", "DedupSha256", "DedupUrl", "DedupKey", "Place", "ReadKept",
+    assert {"TarPaths", "CheckShard", "DedupSha256", "DedupUrl", "DedupKey", "Place",
             "ByShard", "Write"} <= names
     job_options = result.job.options
     cloud, worker = job_options.view_as(GoogleCloudOptions), job_options.view_as(WorkerOptions)

@@ -102,6 +102,13 @@ def test_gs_glob_on_the_emulator_and_no_filter(gcs, tmp_path):
     result = run_filter_shard("gs://bkt/imported", str(tmp_path / "out"), samples_per_shard=3)
     assert result["count"] == 8 and [n for n in json.loads(
         (tmp_path / "out" / "sizes.json").read_text()).values()] == [3, 3, 2]
+    # The writers fetch their samples by ranged reads (concurrent GETs on gs://): the same
+    # bytes as from the same tars on a local disk.
+    import_existing_shards(str(tmp_path / "dc" / "shards" / "0000000[01].tar"),
+                           str(tmp_path / "local"))
+    run_filter_shard(str(tmp_path / "local"), str(tmp_path / "out-local"), samples_per_shard=3)
+    for name in ("shard-00000.tar", "shard-00001.tar", "shard-00002.tar"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "out-local" / name).read_bytes()
     # --no-filter: the tars as they are; the training reader lists them by URL
     raw = pass_through("gs://bkt/imported", str(tmp_path / "raw"))
     assert raw["count"] == 8 and raw["shards"] == marker["tars"]
