@@ -79,10 +79,15 @@ def clipa_stages(args) -> list[StageConfig]:
 
 def only_224(args, budget: float, scale: float, lr: float, warmup: float,
              probes: int = 0) -> StageConfig:
-    """A 224 px-only stage from scratch with ``scale`` x ``budget`` FLOPs (whole batches)."""
+    """A 224 px-only stage from scratch with ``scale`` x ``budget`` FLOPs (whole batches).
+
+    The pretraining's settings (frozen patch embedding included) but the finetune's crops:
+    the pretraining crops from 10% of the image to show its 84 px model the textures at the
+    scale 224 px shows them, which a 224 px run does not need.
+    """
     stage = DEMO["pretrain"].replace(
         stage="train_224", image_size=224, text_len=DEMO["finetune_224"].text_len,
-        mask_ratio=0.0, samples=1, batch_size=args.batch, lr=lr, warmup_frac=warmup,
+        crop_scale=DEMO["finetune_224"].crop_scale, mask_ratio=0.0, samples=1, batch_size=args.batch, lr=lr, warmup_frac=warmup,
         num_threads=args.threads, num_workers=args.workers, seed=args.seed,
         checkpoint_minutes=0, log_every=25)
     samples = whole_batches(scale * budget / per_sample_flops(stage), args.batch)
