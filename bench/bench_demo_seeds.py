@@ -9,7 +9,7 @@ run against the issue's floors (every run gains, by >= 3 points on average; top-
 <= 6 minutes of pipeline time on this 2-core machine). Writes ``demo_seeds.json`` to
 ``--out``.
 
-    python bench/bench_demo_seeds.py --out bench-out        # 5 seeds, 42 min measured on 2 cores
+    python bench/bench_demo_seeds.py --out bench-out        # 5 seeds, 38 min measured on 2 cores
 
 Measured: see docs/SCIENCE.md.
 """
