@@ -77,8 +77,10 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
                               env=env, cwd=ROOT) for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     single, single_losses = train_shard(0, 1, port)
-    for rank in range(2):
-        weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    replicas = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    # DDP keeps its replicas identical, bit for bit.
+    assert all(torch.equal(replicas[0][k], replicas[1][k]) for k in replicas[0])
+    for rank, weights in enumerate(replicas):
         losses = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
         for key, value in single.items():
@@ -88,7 +90,14 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
                 width = value.shape[0] // 3
                 value, weights[key] = (torch.cat([t[:width], t[2 * width:]])
                                        for t in (value, weights[key]))
-            torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-4, msg=key)
+            # Adam does the same to the rare weight whose gradient is near 0 (its step is
+            # grad / sqrt(grad^2): float noise decides its sign). Which weights those are
+            # depends on the CPU's kernels (one of 65,536 in an MLP matrix on an AVX-512
+            # Xeon), so allow a few, each within the LR x steps Adam can move it; a wrong
+            # gradient average moves most weights.
+            off = ~torch.isclose(weights[key], value, rtol=1e-4, atol=1e-4)
+            assert off.sum() <= max(1, value.numel() // 10_000), key
+            assert (weights[key] - value).abs().max() <= 1e-3 * STEPS, key
     # ...and training did move the weights (the comparison is not vacuous).
     torch.manual_seed(0)
     from clipa_model.model import build_model
