@@ -24,7 +24,10 @@ floor check (issue: CLIPA >= 95% of the best 224-only top-1 at <= 40% of the com
 224-only needed to get there) and writes ``inverse_scaling.png`` (top-1 vs training FLOPs,
 both arms) and ``inverse_scaling.json`` to ``--out``.
 
-    python bench/bench_inverse_scaling.py --out bench-out        # 57 min measured on 2 cores under load 3-5
+    python bench/bench_inverse_scaling.py --out bench-out        # 41 min on 2 cores, a CI run beside it
+    python bench/bench_inverse_scaling.py --pretrain-samples 140000 --finetune-samples 4096 \
+        --reuse-224 bench-out/inverse_scaling.json --out bench-out-long
+                                      # the CLIPA arm at ~40% of the 224-only arm's compute
     python bench/bench_inverse_scaling.py --sweep-lr 7e-4 --sweep-warmup 0.05 --max-scale 2
                                                                   # a quick look (not timed)
 
@@ -181,11 +184,20 @@ def floor_check(clipa: list[dict], only: list[dict]) -> dict:
             "holds": final["top1"] >= 0.95 * best and final["tflops"] <= 0.4 * first_best}
 
 
-def plot(clipa: list[dict], only: list[dict], sweep: list[dict], path: str) -> None:
+def plot(clipa: list[dict], only: list[dict], sweep: list[dict], path: str,
+         earlier_clipa: list[dict] | None = None) -> None:
+    """Top-1 vs TFLOP of both arms (and, with ``--reuse-224``, the earlier run's CLIPA arm)."""
+    def clipa_label(points: list[dict]) -> str:
+        samples = [f"{p['samples']:,}" for p in points if "stage" in p]
+        return f"CLIPA: {' + '.join(samples)} samples at 84 + 224 px"
+
+    arms = [(clipa_label(clipa), clipa, "o-"),
+            ("224 px only (tuned, best sweep setting)", only, "s-")]
+    if earlier_clipa:
+        arms.insert(1, (clipa_label(earlier_clipa), earlier_clipa, "o--"))
     with top1_figure(path, "Inverse scaling on the demo data (tiny ViT)",
                      "training compute (TFLOP, planner's counter)") as ax:
-        for name, pts, style in (("CLIPA: 84 px + 224 px finetune", clipa, "o-"),
-                                 ("224 px only (tuned, best sweep setting)", only, "s-")):
+        for name, pts, style in arms:
             ax.plot([p["tflops"] for p in pts], [100 * p["top1"] for p in pts], style, label=name)
         if sweep:
             ax.scatter([r["tflops"] for r in sweep], [100 * r["top1"] for r in sweep],
@@ -211,10 +223,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--workers", type=int, default=1, help="data loader processes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-224", default=None, metavar="JSON",
+                    help="take the sweep and the 224 px-only curve from an earlier run's "
+                         "inverse_scaling.json (same data, seed and eval set) and train only "
+                         "the CLIPA arm, e.g. with another --pretrain-samples")
     ap.add_argument("--workdir", default=None, help="keep data and models here (default: temp)")
     ap.add_argument("--out", default=".", help="folder for inverse_scaling.png / .json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    reused = None
+    if args.reuse_224:
+        with open(args.reuse_224) as f:
+            reused = json.load(f)
+        same = ("seed", "n_train", "eval_per_class", "image_px", "batch")
+        differ = [k for k in same if reused["args"].get(k) != getattr(args, k)]
+        if differ:
+            ap.error(f"--reuse-224 {args.reuse_224}: its run had other {differ}; expected the "
+                     "same data, seed and batch as this one")
 
     print(f"load average before: {os.getloadavg()} on {os.cpu_count()} cores", flush=True)
     t0 = time.perf_counter()
@@ -227,14 +252,20 @@ def main(argv: list[str] | None = None) -> dict:
               f"{per_sample_flops(only_224(args, budget, 1, 1e-3, 0.1)) / per_sample_flops(clipa_stages(args)[0]):.1f}x "
               "an 84 px one", flush=True)
         clipa = run_clipa(args, shards, eval_dir, root)
-        sweep = run_sweep(args, budget, shards, eval_dir, root)
-        best = max(sweep, key=lambda r: r["top1"])
-        print(f"sweep: best lr {best['lr']:g}, warmup {best['warmup']:g} "
-              f"({best['top1']:.1%} at {args.sweep_scale:g}x)", flush=True)
-        only = run_long(args, budget, best, shards, eval_dir, root)
+        if reused:
+            sweep, only = reused["sweep"], reused["224_only"]
+            print(f"224-only: {len(sweep)} sweep runs and {len(only)} points from "
+                  f"{args.reuse_224}", flush=True)
+        else:
+            sweep = run_sweep(args, budget, shards, eval_dir, root)
+            best = max(sweep, key=lambda r: r["top1"])
+            print(f"sweep: best lr {best['lr']:g}, warmup {best['warmup']:g} "
+                  f"({best['top1']:.1%} at {args.sweep_scale:g}x)", flush=True)
+            only = run_long(args, budget, best, shards, eval_dir, root)
     check = floor_check(clipa, only)
     os.makedirs(args.out, exist_ok=True)
-    plot(clipa, only, sweep, os.path.join(args.out, "inverse_scaling.png"))
+    plot(clipa, only, sweep, os.path.join(args.out, "inverse_scaling.png"),
+         reused["clipa"] if reused else None)
     result = {"args": vars(args), "clipa": clipa, "sweep": sweep, "224_only": only,
               "floor": check, "seconds": time.perf_counter() - t0}
     with open(os.path.join(args.out, "inverse_scaling.json"), "w") as f:
