@@ -372,12 +372,19 @@ def _place(element, counts: dict, cfg: FilterConfig) -> Iterator[tuple[int, byte
         yield shard, _pack(items)
 
 
-def _fetch(tar_paths: list[str], infos: list[SampleInfo]) -> list[dict]:
-    """The members of each sample in ``infos`` (same order), one byte-range read a sample.
+_FETCH_CHUNK = 256  # samples fetched at once: a writer holds this many images, not a shard's
 
-    On gs:// the ranges of a shard go out as concurrent ranged GETs (``cat_ranges`` of an
-    async filesystem); locally each input tar is opened once and read in offset order.
-    """
+
+def _fetch(tar_paths: list[str], infos: list[SampleInfo]) -> Iterator[dict]:
+    """The members of each sample in ``infos`` (same order), one byte-range read a sample,
+    ``_FETCH_CHUNK`` samples at a time (the tar writer consumes them as they come)."""
+    for i in range(0, len(infos), _FETCH_CHUNK):
+        yield from _fetch_chunk(tar_paths, infos[i:i + _FETCH_CHUNK])
+
+
+def _fetch_chunk(tar_paths: list[str], infos: list[SampleInfo]) -> list[dict]:
+    """On gs:// the ranges go out as concurrent ranged GETs (``cat_ranges`` of an async
+    filesystem); locally each input tar is opened once and read in offset order."""
     ranges = [sample_range(info.spans) for info in infos]
     fs, _ = fsspec.core.url_to_fs(tar_paths[0])
     paths = [fs._strip_protocol(tar_paths[info.source]) for info in infos]
