@@ -27,16 +27,21 @@ from open_clip.model import CLIP
 
 from clipa_model.artifacts import join, read_json, read_marker, write_json_atomic, write_marker
 from clipa_model.config import StageConfig
-from clipa_model.model import build_model, load_weights
+from clipa_model.model import build_model, load_weights, pos_grid_of
 from clipa_model.plots import plot_curve
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, INTERPOLATION, get_preset
 
 
-def model_config(preset: str, image_size: int, text_len: int) -> dict:
-    """What model_config.json holds: the architecture name and its preprocessing."""
-    return {"preset": preset, "image_size": image_size, "text_len": text_len,
-            "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": INTERPOLATION,
-            "architecture": dataclasses.asdict(get_preset(preset))}
+def model_config(preset: str, image_size: int, text_len: int,
+                 pos_grid: int | None = None) -> dict:
+    """What model_config.json holds: the architecture name and its preprocessing, and the
+    grid its sin-cos positions are measured in (``pos_grid``) when it has one."""
+    cfg = {"preset": preset, "image_size": image_size, "text_len": text_len,
+           "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": INTERPOLATION,
+           "architecture": dataclasses.asdict(get_preset(preset))}
+    if pos_grid is not None:
+        cfg["pos_grid"] = pos_grid
+    return cfg
 
 
 def _fsync_dir(folder: str) -> None:
@@ -93,7 +98,7 @@ def save_model_artifact(out_dir: str, model: CLIP, preset: str, stage: StageConf
     weights = buf.getvalue()
     _write_bytes(join(out_dir, "checkpoint.pt"), weights)
     write_json_atomic(join(out_dir, "model_config.json"),
-                      model_config(preset, stage.image_size, stage.text_len))
+                      model_config(preset, stage.image_size, stage.text_len, pos_grid_of(model)))
     write_json_atomic(join(out_dir, "stage_config.json"), stage.to_dict())
     if resolved is not None:
         write_json_atomic(join(out_dir, "resolved_config.json"), resolved)
@@ -142,7 +147,8 @@ def load_model(model_dir: str, image_size: int | None = None, text_len: int | No
     cfg = read_model_config(model_dir)
     image_size = image_size or cfg["image_size"]
     text_len = text_len or cfg["text_len"]
-    model = build_model(cfg["preset"], image_size, text_len, mask_ratio, image_mask)
+    model = build_model(cfg["preset"], image_size, text_len, mask_ratio, image_mask,
+                        cfg.get("pos_grid"))
     with fsspec.open(join(model_dir, "checkpoint.pt"), "rb") as f:
         state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     load_weights(model, state_dict, source=f"{model_dir}/checkpoint.pt")

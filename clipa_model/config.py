@@ -41,6 +41,15 @@ class StageConfig:
             pixels a patch holds of a smooth image (higher resolution, larger patches), the
             more. On the demo data at 224 px this alone kept a tiny ViT at chance
             (docs/SCIENCE.md); MoCo v3 freezes the embedding for the same instability.
+        pos_interpolation: measure the fixed sin-cos image positions in cells of the grid
+            the model was first trained at (``pos_grid`` in model_config.json), so a
+            finetune at a finer grid sees the positions it learned, spaced closer, as a
+            learned table resampled to the new grid does. Off, positions are integer patch
+            indices and a larger grid reaches positions never trained (CLIPA-v2's big_vision
+            code). The demo's 84 px model scores 56.0% at 224 px with integer positions and
+            82.0% interpolated, before any finetune (docs/SCIENCE.md). Only a stage that
+            creates the model, or finetunes one saved without ``pos_grid``, decides; a
+            model keeps its ``pos_grid`` through later stages.
         warmup_frac: linear warmup length as a fraction of ``samples`` (CLIPA-v2: about
             0.016 pretrain, 0.05 finetune 224, 0.2 finetune 336).
         weight_decay: decoupled weight decay on weight matrices only.
@@ -79,6 +88,7 @@ class StageConfig:
     batch_size: int = 128
     lr: float = 1e-3
     patch_embed_lr_scale: float = 1.0
+    pos_interpolation: bool = True
     warmup_frac: float = 0.05
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.95)

@@ -1,7 +1,9 @@
 """The CLIPA model, built from open_clip's CLIP code, and moving it between stages.
 
 A stage changes the token counts, never the weights' shapes: the image side (84 -> 224 ->
-336) changes the patch grid, whose sin-cos position embedding is recomputed; the text
+336) changes the patch grid, whose sin-cos position embedding is recomputed (in cells of
+the grid the model was first trained at, ``pos_grid``, when it has one: see
+``StageConfig.pos_interpolation``); the text
 length (8 -> 32) changes the learned text position embedding, which is resized by linear
 interpolation (open_clip's ``resize_text_pos_embed``). Patch masking in finetuning is
 ``token_reduction.ImageTokenMasking`` in place of open_clip's ``PatchDropout``: active in
@@ -9,8 +11,10 @@ train mode only.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, resize_pos_embed, resize_text_pos_embed
+from open_clip.pos_embed import get_2d_sincos_pos_embed_from_grid
 from torch import nn
 
 from clipa_model.config import ConfigError
@@ -30,7 +34,8 @@ def check_sizes(preset: Preset, image_size: int, text_len: int, mask_ratio: floa
 
 
 def build_model(preset: str | Preset, image_size: int, text_len: int,
-                mask_ratio: float = 0.0, image_mask: str = "random") -> CLIP:
+                mask_ratio: float = 0.0, image_mask: str = "random",
+                pos_grid: int | None = None) -> CLIP:
     """Build a freshly initialised CLIPA model.
 
     Args:
@@ -39,6 +44,8 @@ def build_model(preset: str | Preset, image_size: int, text_len: int,
         text_len: text context length in tokens.
         mask_ratio: fraction of patches dropped in train mode (0 disables).
         image_mask: which patches go: "random", "grid" or "block" (token_reduction.py).
+        pos_grid: the patch grid whose cells the sin-cos positions are measured in (None:
+            integer patch indices, open_clip's table). ``model.pos_grid`` records it.
 
     Returns:
         ``open_clip.model.CLIP`` in train mode, float32.
@@ -47,12 +54,42 @@ def build_model(preset: str | Preset, image_size: int, text_len: int,
     check_sizes(p, image_size, text_len, mask_ratio)
     if image_mask not in IMAGE_MASK_FNS:
         raise ConfigError(f"image_mask={image_mask!r}: expected one of {sorted(IMAGE_MASK_FNS)}")
+    if pos_grid is not None and (not isinstance(pos_grid, int) or pos_grid <= 0):
+        raise ConfigError(f"pos_grid={pos_grid!r}: expected a positive patch-grid side")
     vision = CLIPVisionCfg(**vision_cfg(p, image_size))
     text = CLIPTextCfg(**text_cfg(p, text_len))
     model = CLIP(embed_dim=p.embed_dim, vision_cfg=vision, text_cfg=text)
+    grid = image_size // p.patch_size
+    if pos_grid is not None and pos_grid != grid:
+        with torch.no_grad():
+            model.visual.positional_embedding.copy_(sincos_table(p.vision_width, grid, pos_grid))
+    model.pos_grid = pos_grid
     if mask_ratio > 0:  # replaces open_clip's PatchDropout (random only, host-side RNG)
         model.visual.patch_dropout = ImageTokenMasking(mask_ratio, image_mask)
     return model
+
+
+def sincos_table(width: int, grid: int, pos_grid: int) -> torch.Tensor:
+    """The (1 + grid**2, width) sin-cos image position table, class token row (zeros)
+    first, for a ``grid`` x ``grid`` patch grid whose positions are measured in cells of a
+    ``pos_grid`` x ``pos_grid`` grid over the same image: patch i sits at i * pos_grid / grid.
+
+    With ``pos_grid == grid`` this is open_clip's ``get_2d_sincos_pos_embed`` table; a finer
+    grid samples the same sinusoids closer together rather than extending them to
+    positions the model never saw (position interpolation, as resampling a learned table).
+    """
+    coords = np.arange(grid, dtype=np.float32) * np.float32(pos_grid / grid)
+    mesh = np.stack(np.meshgrid(coords, coords), axis=0).reshape(2, 1, grid, grid)  # w first
+    table = get_2d_sincos_pos_embed_from_grid(width, mesh)
+    return torch.from_numpy(np.concatenate([np.zeros([1, width]), table])).float()
+
+
+def pos_grid_of(model: nn.Module) -> int | None:
+    """``pos_grid`` of a model from ``build_model`` (through a DDP / compile wrapper)."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if m is not None and hasattr(m, "pos_grid"):
+            return m.pos_grid
+    return None
 
 
 def vision_cfg(p: Preset, image_size: int) -> dict:

@@ -30,7 +30,7 @@ from clipa_model.distributed import (DistEnv, all_gather_object, barrier, init_p
                                      resolve_dist_env, xla_dist_env)
 from clipa_model.eval.models import OPEN_CLIP_PREFIX
 from clipa_model.launch import NodeLayout
-from clipa_model.model import build_model, flops_per_sample, get_tokenizer
+from clipa_model.model import build_model, flops_per_sample, get_tokenizer, pos_grid_of
 from clipa_model.planner import resolved_config
 from clipa_model.presets import IMAGE_MEAN, IMAGE_STD, get_preset
 from clipa_model.live_log import LiveLog, TimedBatches, ZeroShotProbe, parse_report_to
@@ -60,16 +60,34 @@ def init_model(stage: StageConfig, preset: str | None, init_model_dir: str | Non
         preset = preset or "tiny"
         stage.validate(get_preset(preset).patch_size)
         torch.manual_seed(stage.seed)
+        own_grid = stage.image_size // get_preset(preset).patch_size
         return build_model(preset, stage.image_size, stage.text_len, stage.mask_ratio,
-                           stage.image_mask), preset
-    init_preset = read_model_config(init_model_dir)["preset"]
+                           stage.image_mask, own_grid if stage.pos_interpolation else None), preset
+    init_cfg = read_model_config(init_model_dir)
+    init_preset = init_cfg["preset"]
     if preset is not None and preset != init_preset:
         raise ConfigError(f"preset={preset!r} differs from the init model's "
                           f"{init_preset!r} ({init_model_dir}); leave preset unset to finetune")
     stage.validate(get_preset(init_preset).patch_size)
     model, _ = load_model(init_model_dir, stage.image_size, stage.text_len, stage.mask_ratio,
                           stage.image_mask)
+    if model.pos_grid is None and stage.pos_interpolation:
+        # A model saved with integer positions: measure them in its own grid from now on.
+        init_grid = init_cfg["image_size"] // get_preset(init_preset).patch_size
+        model = _with_pos_grid(model, init_preset, stage, init_grid)
     return model, init_preset
+
+
+def _with_pos_grid(model, preset: str, stage: StageConfig, pos_grid: int):
+    """``model``'s weights in a model at the stage's sizes whose positions use ``pos_grid``."""
+    from clipa_model.model import load_weights
+
+    rebuilt = build_model(preset, stage.image_size, stage.text_len, stage.mask_ratio,
+                          stage.image_mask, pos_grid)
+    state = {k: v for k, v in model.state_dict().items() if k != "visual.positional_embedding"}
+    state["visual.positional_embedding"] = rebuilt.visual.positional_embedding.detach().clone()
+    load_weights(rebuilt, state)
+    return rebuilt
 
 
 def _init_from_open_clip(stage: StageConfig, preset: str | None, ref: str):
@@ -90,8 +108,10 @@ def _init_from_open_clip(stage: StageConfig, preset: str | None, ref: str):
     if preset is not None and preset != matches[0]:
         raise ConfigError(f"preset={preset!r} differs from {ref}'s {matches[0]!r}; leave it unset")
     stage.validate(get_preset(matches[0]).patch_size)
+    # Its positions are measured in the grid it was trained at when interpolating.
+    grid = config["vision_cfg"]["image_size"] // config["vision_cfg"]["patch_size"]
     model = build_model(matches[0], stage.image_size, stage.text_len, stage.mask_ratio,
-                        stage.image_mask)
+                        stage.image_mask, grid if stage.pos_interpolation else None)
     load_weights(model, state_dict, source=ref)
     return model, matches[0]
 
@@ -261,7 +281,7 @@ def train_stage(data_dir: str, output_dir: str, stage: StageConfig, preset: str 
     ckpt_dir = checkpoint_folder(output_dir, identity, checkpoint_dir, checkpoint_root)
     identity = {**identity, "key": stage_key(identity), "data_ref": data_dir,
                 "init_model_ref": init_model_dir}
-    model_cfg = model_config(preset, stage.image_size, stage.text_len)
+    model_cfg = model_config(preset, stage.image_size, stage.text_len, pos_grid_of(model))
     ckpts = _StageCheckpoints(ckpt_dir, stage, model, model_cfg, device, dist_env, identity)
     layout = layout or NodeLayout(device.type, dist_env.world_size)
     run = _StageRun(data_dir, output_dir, stage, preset, model, device, dist_env, data_count,

@@ -6,7 +6,7 @@ from open_clip.pos_embed import get_2d_sincos_pos_embed
 
 from clipa_model.config import ConfigError, StageConfig
 from clipa_model.model import (adapt_state_dict, build_model, flops_per_sample, get_tokenizer,
-                               load_weights, param_groups)
+                               load_weights, param_groups, sincos_table)
 from clipa_model.presets import PRESETS, get_preset
 from clipa_model.recipes import PLAN_RECIPES, RECIPES
 
@@ -52,6 +52,29 @@ def test_one_checkpoint_loads_at_84_224_336_without_missing_keys():
                                                           grid, cls_token=True)).float()
         torch.testing.assert_close(model.visual.positional_embedding, sincos)
         assert model.encode_image(torch.zeros(1, 3, size, size)).shape == (1, PRESETS["tiny"].embed_dim)
+
+
+def test_interpolated_positions_sample_the_pretraining_grid_closer():
+    width = PRESETS["tiny"].vision_width
+    base = torch.from_numpy(get_2d_sincos_pos_embed(width, 6, cls_token=True)).float()
+    # At its own grid the model has open_clip's table, whatever pos_grid says.
+    torch.testing.assert_close(build_model("tiny", 84, 8, pos_grid=6).visual.positional_embedding,
+                               base)
+    # 168 px is a 12 x 12 grid: patch (2a, 2b) sits where the 6 x 6 grid's (a, b) did, and
+    # no position lies beyond the pretraining grid's last one.
+    fine = build_model("tiny", 168, 8, pos_grid=6).visual.positional_embedding.detach()
+    assert fine.shape == (1 + 144, width)
+    rows = fine[1:].reshape(12, 12, width)[::2, ::2].reshape(36, width)
+    torch.testing.assert_close(rows, base[1:], atol=1e-6, rtol=0)
+    integer = build_model("tiny", 168, 8).visual.positional_embedding.detach()
+    assert not torch.allclose(integer[1:].reshape(12, 12, width)[::2, ::2].reshape(36, width),
+                              base[1:], atol=1e-3)
+    # Odd patches fall between, on the same sinusoids (a 3 x 3 grid measured in 6 cells).
+    torch.testing.assert_close(sincos_table(width, 3, 6)[1:],
+                               base[1:].reshape(6, 6, width)[::2, ::2].reshape(9, width),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="pos_grid=0"):
+        build_model("tiny", 84, 8, pos_grid=0)
 
 
 def test_text_position_embedding_is_resized_linearly_8_to_32():

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from clipa_model.artifacts import MARKER, ArtifactError, read_marker, write_json_atomic, write_marker
-from clipa_model.checkpoint import load_model
+from clipa_model.checkpoint import load_model, read_model_config
 from clipa_model.config import ConfigError, StageConfig
+from clipa_model.model import sincos_table
 from clipa_model.recipes import DEMO, SMOKE
 from clipa_model.train_loop import lr_at
 from clipa_model.train_stage import train_stage
@@ -87,8 +88,36 @@ def test_finetune_starts_from_the_init_model(shards, tmp_path):
     assert after["positional_embedding"].shape[0] == 16
     model, cfg = load_model(out)
     assert not model.training and cfg["image_size"] == 56
+    # The finetune's positions are measured in the pretraining's 2 x 2 grid.
+    assert read_model_config(init)["pos_grid"] == 2 and cfg["pos_grid"] == 2
+    torch.testing.assert_close(after["visual.positional_embedding"], sincos_table(128, 4, 2))
     with pytest.raises(ConfigError, match="preset"):
         train_stage(shards, str(tmp_path / "bad"), stage, preset="B/16", init_model_dir=init)
+
+
+def test_pos_interpolation_off_keeps_integer_positions_and_on_adopts_an_old_model(shards,
+                                                                                  tmp_path):
+    init = str(tmp_path / "pre")
+    train_stage(shards, init, _stage(samples=16, pos_interpolation=False), preset="tiny")
+    assert "pos_grid" not in read_model_config(init)
+    ft = dict(stage="finetune_56", image_size=56, samples=16, lr=1e-9)
+    off = str(tmp_path / "off")
+    train_stage(shards, off, _stage(pos_interpolation=False, **ft), init_model_dir=init)
+    table = torch.load(os.path.join(off, "checkpoint.pt"), weights_only=True)[
+        "visual.positional_embedding"]
+    torch.testing.assert_close(table, sincos_table(128, 4, 4))  # integer indices 0..3
+    assert "pos_grid" not in read_model_config(off)
+    # A model saved with integer positions (an older artifact): interpolation measures its
+    # positions in its own grid from the finetune on, and the artifact records it.
+    on = str(tmp_path / "on")
+    train_stage(shards, on, _stage(**ft), init_model_dir=init)
+    assert read_model_config(on)["pos_grid"] == 2
+    table = torch.load(os.path.join(on, "checkpoint.pt"), weights_only=True)[
+        "visual.positional_embedding"]
+    torch.testing.assert_close(table, sincos_table(128, 4, 2))
+    # Loaded at another size, the positions stay in the recorded grid.
+    model, _ = load_model(on, image_size=84)
+    torch.testing.assert_close(model.visual.positional_embedding.detach(), sincos_table(128, 6, 2))
 
 
 def test_bad_inputs_fail_with_clear_errors(shards, tmp_path):
