@@ -15,8 +15,8 @@ good, so the 224 px-only arm here gets:
    (cosine schedule of the whole run): a lower bound of what a run of that length reaches;
    the end point is a complete, annealed run.
 
-The CLIPA arm (the demo recipe's stages: 84 px / 8 tokens, then 224 px / 16 tokens, 30%
-masked) is probed during pretraining too. FLOPs are the planner's counter
+The CLIPA arm (the demo recipe's stages: 84 px / 8 tokens, then 224 px / 16 tokens,
+``--finetune-mask`` of the patches masked, 30% by default) is probed during pretraining too. FLOPs are the planner's counter
 (``planner.plan_stage``: matmul FLOPs from the token counts, x3 for the backward pass).
 Zero-shot top-1 / top-5 of every end point come from the evaluate step
 (``components.evaluate.run_evaluate``) on a held-out labelled set. Prints every run, the
@@ -76,7 +76,8 @@ def clipa_stages(args) -> list[StageConfig]:
     pretrain = DEMO["pretrain"].replace(
         samples=args.pretrain_samples, log_every=25,
         zeroshot_every=whole_batches(args.pretrain_samples / args.probes, args.batch), **common)
-    finetune = DEMO["finetune_224"].replace(samples=args.finetune_samples, log_every=25, **common)
+    finetune = DEMO["finetune_224"].replace(samples=args.finetune_samples, log_every=25,
+                                            mask_ratio=args.finetune_mask, **common)
     return [pretrain, finetune]
 
 
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain-samples", type=int, default=48_000, help="84 px samples")
     ap.add_argument("--finetune-samples", type=int, default=2_048, help="224 px finetune samples")
+    ap.add_argument("--finetune-mask", type=float, default=DEMO["finetune_224"].mask_ratio,
+                    help="fraction of 224 px patches masked in the finetune (fewer FLOPs a sample)")
     ap.add_argument("--sweep-lr", type=float, nargs="+", default=[3.5e-4, 7e-4, 1.4e-3])
     ap.add_argument("--sweep-warmup", type=float, nargs="+", default=[0.05, 0.2])
     ap.add_argument("--sweep-scale", type=float, default=1.0,
