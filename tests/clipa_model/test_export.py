@@ -11,18 +11,20 @@ from clipa_model.checkpoint import load_model, save_model_artifact
 from clipa_model.config import StageConfig
 from clipa_model.data import center_resize, normalize
 from clipa_model.export import export_open_clip
-from clipa_model.model import build_model, get_tokenizer
+from clipa_model.model import build_model, get_tokenizer, sincos_table
 from clipa_model.train_loop import training_summary
 
 CAPTIONS = ["a photo of a red circle.", "blue stripes on a noisy background", "stars"]
 
 
-def _artifact(tmp_path, preset: str, image_size: int, text_len: int) -> str:
+def _artifact(tmp_path, preset: str, image_size: int, text_len: int,
+              pos_grid: int | None = None) -> str:
     torch.manual_seed(0)
-    model = build_model(preset, image_size, text_len)
-    with torch.no_grad():  # move every weight off its init so a wrong load would show
+    model = build_model(preset, image_size, text_len, pos_grid=pos_grid)
+    with torch.no_grad():  # move every trained weight off its init so a wrong load would show
         for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
     stage = StageConfig(stage="finetune_56", image_size=image_size, text_len=text_len)
     out = str(tmp_path / f"model-{preset}")
     history = [{"step": 1, "samples_seen": 2, "loss": 1.0, "lr": 1e-3, "temperature": 0.07,
@@ -31,8 +33,11 @@ def _artifact(tmp_path, preset: str, image_size: int, text_len: int) -> str:
     return out
 
 
-def test_open_clip_loads_the_export_and_gives_identical_embeddings(tmp_path):
-    model_dir = _artifact(tmp_path, "tiny", 56, 16)
+@pytest.mark.parametrize("pos_grid", [None, 2])
+def test_open_clip_loads_the_export_and_gives_identical_embeddings(tmp_path, pos_grid):
+    # pos_grid 2: a 56 px model whose positions are measured in a 28 px pretraining's grid
+    # (position interpolation); open_clip builds integer positions and must take ours.
+    model_dir = _artifact(tmp_path, "tiny", 56, 16, pos_grid)
     info = export_open_clip(model_dir, str(tmp_path / "export"))
     assert sorted(os.listdir(info["out_dir"])) == ["open_clip_config.json",
                                                    "open_clip_model.safetensors"]
@@ -47,6 +52,8 @@ def test_open_clip_loads_the_export_and_gives_identical_embeddings(tmp_path):
     with torch.no_grad():
         assert torch.equal(theirs.encode_image(x), ours.encode_image(x))
         assert torch.equal(theirs.encode_text(tokens), ours.encode_text(tokens))
+    table = theirs.visual.positional_embedding.detach()
+    torch.testing.assert_close(table, sincos_table(128, 4, pos_grid or 4))
 
     # open_clip's own preprocessing of a square image matches ours (size, mean, std).
     pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8))
