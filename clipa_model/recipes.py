@@ -97,10 +97,11 @@ DEMO = Recipe(
         # Finetunes: 16 tokens, not CLIPA's 32. The demo captions fit in 16, and the text
         # tower pools its last position, which at 32 is padding for every caption (measured
         # at 224 px: 55.0% top-1 with 16, 53.0% with 32). The 224 px finetune's LR from a
-        # sweep on the demo data. The 336 px finetune costs top-1 on this data whatever it
-        # does (seed 2, from 73.0% at 224 px: LR 1.5e-4 64.2%, 5e-5 66.2%, 2e-5 67.4%, crops
-        # from 80% 66.6%, no mask 67.6%; from 74.0%: 2e-5 68.4%, with the patch embedding
-        # trained 68.8%), so it takes the smallest of those steps (docs/SCIENCE.md, section 3).
+        # sweep on the demo data. The 336 px finetune takes a small step: with integer
+        # positions every LR tried cost top-1 (seed 2, from 73.0%: 1.5e-4 64.2%, 5e-5 66.2%,
+        # 2e-5 67.4%); with interpolated positions (``pos_interpolation``, the default) it
+        # gains in 3 seeds of 5, and a larger step is worse (seed 1: 2e-5 68.6%, 6e-5 67.0%;
+        # docs/SCIENCE.md, sections 3 and 4).
         "finetune_224": StageConfig(stage="finetune_224", image_size=224, text_len=16,
                                     mask_ratio=0.3, samples=6_016, batch_size=32, lr=3e-4,
                                     warmup_frac=0.1, patch_embed_lr_scale=0.0,
