@@ -1,7 +1,8 @@
 """The Model artifact: a folder with weights, the preprocessing they expect, and history.
 
     checkpoint.pt        state dict (tensors only: ``torch.load(weights_only=True)``)
-    model_config.json    preset + image_size, text_len, mean, std, interpolation
+    model_config.json    preset + image_size, text_len, mean, std, interpolation, and pos_grid
+                         (the grid its sin-cos positions are measured in) when it has one
     stage_config.json    the StageConfig that produced it
     resolved_config.json the run as resolved: derived steps / LR / FLOPs, world size, device
     history.jsonl        one row per step
